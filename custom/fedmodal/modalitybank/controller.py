@@ -1,0 +1,291 @@
+"""ModalityBank's server workflow: G and its bank stay here; each step every site gets its fakes.
+
+Protocol (METHODS.md section 1): register once (masks + keys, or keys only for sites that
+keep their masks), then per step: sample a batch of masks per site, draw augmentation, run G
+per modality over the masks of the sites holding it, send each site its own fakes, wait for
+every site's d(loss)/d(fake), weight by data share and step G.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import Task, TaskCompletionStatus
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import ReturnCode, Shareable
+from nvflare.apis.signal import Signal
+
+from fedmodal.fl.site import select_device
+from fedmodal.modalitybank import protocol as P
+from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
+from fedmodal.modalitybank.generator_trainer import GeneratorConfig, GeneratorTrainer
+from fedmodal.modalitybank.grids import grid_array, save_grid
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_DIR = "modalitybank"
+
+
+class ModalityBankController(Controller):
+    """Server side of ModalityBank (and of its AsynDGAN baseline with `mode="asyndgan"`).
+
+    Args:
+        mode: "bank" or "asyndgan" (see GeneratorConfig).
+        image_size: side of the synthesised slices; sites resample their data to it.
+        ngf: generator width; 64 in the paper.
+        n_blocks: residual blocks; 9 in the paper.
+        modulate: "resblocks" or "all" convs under the bank.
+        source_modality: modality of the pretraining phase.
+        target_modalities: modalities to learn; empty means every modality some site holds.
+        pretrain_steps: G steps of the pretraining phase.
+        bank_steps: G steps of the bank phase.
+        batch_size: masks per site per step.
+        lr: Adam learning rate of G and of the sites' discriminators.
+        max_shift: augmentation shift in voxels.
+        slices: which axial slices sites train on: "tumour" or "brain".
+        seed: run seed; sites derive theirs from it and their names.
+        min_sites: sites required to start.
+        step_timeout: seconds to wait for every site's step result before stopping the run.
+        log_every: steps between progress lines.
+        sample_every: steps between sample grids (PNG + TensorBoard).
+        checkpoint_every: steps between checkpoints (always at phase ends and at the end).
+        preview_count: masks per site in the final real-vs-synthetic grids drawn at the sites.
+        resume_from: checkpoint folder of an earlier run to continue from.
+        device: "auto", "cpu" or "cuda[:i]".
+        num_threads: torch CPU threads at the server (0 keeps torch's default).
+        task_check_period: how often the workflow checks for finished tasks (seconds).
+    """
+
+    def __init__(
+        self,
+        mode: str = "bank",
+        image_size: int = 64,
+        ngf: int = 32,
+        n_blocks: int = 6,
+        modulate: str = "resblocks",
+        source_modality: str = "t1",
+        target_modalities: list[str] | None = None,
+        pretrain_steps: int = 300,
+        bank_steps: int = 600,
+        batch_size: int = 4,
+        lr: float = 2e-4,
+        max_shift: int = 4,
+        slices: str = "tumour",
+        seed: int = 0,
+        min_sites: int = 2,
+        step_timeout: float = 600.0,
+        log_every: int = 20,
+        sample_every: int = 100,
+        checkpoint_every: int = 200,
+        preview_count: int = 4,
+        resume_from: str = "",
+        device: str = "auto",
+        num_threads: int = 0,
+        task_check_period: float = 0.01,
+    ):
+        super().__init__(task_check_period=task_check_period)
+        self.requested_targets = tuple(target_modalities or ())
+        self.config_args = dict(
+            mode=mode,
+            spatial_dims=2,
+            image_size=image_size,
+            ngf=ngf,
+            n_blocks=n_blocks,
+            modulate=modulate,
+            source_modality=source_modality,
+            pretrain_steps=pretrain_steps,
+            bank_steps=bank_steps,
+            batch_size=batch_size,
+            lr=lr,
+            max_shift=max_shift,
+            seed=seed,
+        )
+        self.slices = slices
+        self.min_sites = min_sites
+        self.step_timeout = step_timeout
+        self.log_every = max(1, log_every)
+        self.sample_every = sample_every
+        self.checkpoint_every = checkpoint_every
+        self.preview_count = preview_count
+        self.resume_from = resume_from
+        self.device_name = device
+        self.num_threads = num_threads
+        self.out_dir: Path | None = None
+        self.writer = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start_controller(self, fl_ctx: FLContext):
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        self.out_dir = Path(run_dir) / OUTPUT_DIR
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        self.device = select_device(self.device_name, self.num_threads)
+        self.log_info(fl_ctx, f"ModalityBank outputs go to {self.out_dir}")
+
+    def stop_controller(self, fl_ctx: FLContext):
+        if self.writer is not None:
+            self.writer.close()
+
+    def process_result_of_unknown_task(
+        self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
+    ):
+        self.log_warning(fl_ctx, f"ignoring late result of {task_name} from {client.name}")
+
+    # ------------------------------------------------------------------ workflow
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
+        sites = self._register(abort_signal, fl_ctx)
+        if sites is None:
+            return
+        config = resolve_config(self.config_args, self.requested_targets, sites)
+        trainer = (
+            GeneratorTrainer.resume(self.resume_from, config, self.device)
+            if self.resume_from
+            else GeneratorTrainer(config, self.device)
+        )
+        coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
+        sample_masks = coordinator.sample_masks()
+        timings: dict[str, list[float]] = {}
+        total_steps = sum(n for _, n in config.phases)
+        global_step = sum(n for _, n in config.phases[: trainer.progress.phase_index]) + trainer.progress.step
+        while not trainer.finished:
+            phase, step, phase_steps = trainer.phase, trainer.progress.step, trainer.phase_steps
+            started = time.perf_counter()
+            replies = self._exchange(P.TASK_STEP, coordinator.step_payloads(), abort_signal, fl_ctx)
+            if replies is None:
+                return
+            losses = coordinator.finish_step(replies)
+            timings.setdefault(phase, []).append(time.perf_counter() - started)
+            global_step += 1
+            self._record_losses(losses, global_step)
+            phase_done = trainer.finished or trainer.phase != phase
+            if (step + 1) % self.log_every == 0 or phase_done:
+                recent = timings[phase][-self.log_every :]
+                rate = len(recent) / max(sum(recent), 1e-9)
+                record = {
+                    "phase": phase,
+                    "step": step + 1,
+                    "of": phase_steps,
+                    "steps_per_s": round(rate, 3),
+                    "eta_s": round((total_steps - global_step) / max(rate, 1e-9)),
+                    "losses": _mean_by_name(losses),
+                }
+                self.log_info(fl_ctx, "progress " + json.dumps(record))
+                self.writer.add_scalar("speed/steps_per_s", rate, global_step)
+            if self.sample_every and (global_step % self.sample_every == 0 or trainer.finished):
+                self._save_samples(trainer, sample_masks, global_step)
+            if phase_done or (self.checkpoint_every and global_step % self.checkpoint_every == 0):
+                trainer.save(self.out_dir / "checkpoint")
+        previews = coordinator.preview_payloads(self.preview_count)
+        if self._exchange(P.TASK_PREVIEW, previews, abort_signal, fl_ctx) is None:
+            return
+        self._write_summary(config, sites, timings)
+        self.log_info(fl_ctx, f"ModalityBank finished; checkpoint in {self.out_dir / 'checkpoint'}")
+
+    def _register(self, abort_signal: Signal, fl_ctx: FLContext) -> list[SiteState] | None:
+        """Ask every site for its keys (and masks, where the site shares them)."""
+        site_config = {
+            "image_size": self.config_args["image_size"],
+            "slices": self.slices,
+            "seed": self.config_args["seed"],
+            "batch_size": self.config_args["batch_size"],
+        }
+        task = Task(
+            name=P.TASK_REGISTER,
+            data=DXO(DataKind.COLLECTION, {P.CONFIG: site_config}).to_shareable(),
+            timeout=int(self.step_timeout),
+        )
+        clients = sorted(c.name for c in fl_ctx.get_engine().get_clients())
+        if len(clients) < self.min_sites:
+            self.system_panic(f"{len(clients)} sites connected ({clients}); {self.min_sites} required", fl_ctx)
+            return None
+        # Every connected site takes part: the protocol is synchronous over all of them.
+        self.broadcast_and_wait(task, fl_ctx, targets=clients, min_responses=len(clients), abort_signal=abort_signal)
+        sites = []
+        for client_task in sorted(task.client_tasks, key=lambda ct: ct.client.name):
+            name, result = client_task.client.name, client_task.result
+            if result is None or result.get_return_code() != ReturnCode.OK:
+                code = None if result is None else result.get_return_code()
+                self.system_panic(f"site {name} failed to register (return code {code}); see its log", fl_ctx)
+                return None
+            sites.append(SiteState.from_registration(name, from_shareable(result).data))
+            self.log_info(fl_ctx, sites[-1].describe())
+        if len(sites) < self.min_sites:
+            self.system_panic(f"only {len(sites)} sites registered; {self.min_sites} required", fl_ctx)
+            return None
+        return sites
+
+    def _exchange(self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext):
+        """Send each site its own payload at once, wait for all replies (site -> reply data)."""
+        tasks = {}
+        for name, payload in payloads.items():
+            data = DXO(DataKind.COLLECTION, payload).to_shareable()
+            tasks[name] = Task(name=task_name, data=data, timeout=int(self.step_timeout))
+            self.send(tasks[name], fl_ctx, targets=[name])
+        deadline = time.monotonic() + self.step_timeout
+        while any(t.completion_status is None for t in tasks.values()):
+            if abort_signal.triggered:
+                return None
+            if time.monotonic() > deadline:
+                late = sorted(n for n, t in tasks.items() if t.completion_status is None)
+                self.system_panic(
+                    f"sites {late} sent no {task_name} result within {self.step_timeout}s. In the simulator, run "
+                    f"with as many threads as sites (-t), so every site takes part in each synchronous step",
+                    fl_ctx,
+                )
+                return None
+            time.sleep(0.002)
+        replies = {}
+        for name, task in sorted(tasks.items()):
+            result = task.client_tasks[0].result if task.client_tasks else None
+            code = None if result is None else result.get_return_code()
+            if task.completion_status != TaskCompletionStatus.OK or code != ReturnCode.OK:
+                self.system_panic(f"site {name} failed {task_name} ({task.completion_status}, {code}); see its log", fl_ctx)
+                return None
+            replies[name] = from_shareable(result).data
+        return replies
+
+    # ------------------------------------------------------------------ outputs
+    def _record_losses(self, losses: dict, global_step: int) -> None:
+        for site, values in sorted(losses.items()):
+            for name, value in values.items():
+                self.writer.add_scalar(f"loss/{name}/{site}", value, global_step)
+
+    def _save_samples(self, trainer: GeneratorTrainer, masks: torch.Tensor, global_step: int) -> None:
+        fakes = trainer.synthesize(masks)
+        titles = ["mask"] + [f"synthetic {m}" for m in fakes]
+        rows = [[masks[i, 0].numpy()] + [fakes[m][i, 0].numpy() for m in fakes] for i in range(masks.shape[0])]
+        path = save_grid(rows, titles, self.out_dir / "samples" / f"step_{global_step:06d}.png", f"step {global_step}")
+        self.writer.add_image("samples", grid_array(path), global_step, dataformats="HWC")
+
+    def _write_summary(self, config: GeneratorConfig, sites: list[SiteState], timings: dict) -> None:
+        summary = {
+            "config": asdict(config),
+            "sites": {
+                s.name: {"modalities": list(s.modalities), "num_samples": s.num_samples, "shares_masks": s.shares_masks}
+                for s in sites
+            },
+            "steps": {phase: len(t) for phase, t in timings.items()},
+            "steps_per_second": {phase: len(t) / sum(t) for phase, t in timings.items() if t},
+            "median_step_seconds": {phase: float(np.median(t)) for phase, t in timings.items() if t},
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _mean_by_name(losses: dict) -> dict:
+    """Loss scalars averaged over sites, keyed "<modality>/<name>", rounded for the log line."""
+    collected: dict[str, list[float]] = {}
+    for values in losses.values():
+        for name, value in values.items():
+            collected.setdefault(name, []).append(value)
+    return {name: round(float(np.mean(v)), 4) for name, v in sorted(collected.items())}

@@ -1,0 +1,197 @@
+"""The server's side of one ModalityBank exchange, independent of how messages travel.
+
+`StepCoordinator` turns the sites' registrations into per-step payloads (each site its own
+fakes and augmentation) and the sites' replies into one generator step. The NVFlare controller
+moves these payloads as tasks; the centralised benchmark hands them to in-process site workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedmodal import MODALITIES
+from fedmodal.modalitybank import protocol as P
+from fedmodal.modalitybank.generator_trainer import GeneratorConfig, GeneratorTrainer
+
+
+@dataclass
+class SiteState:
+    """What the server knows of one site: keys, masks if shared, modalities held, sample count."""
+
+    name: str
+    modalities: tuple[str, ...]
+    num_samples: int
+    keys: list[str]
+    shares_masks: bool
+    masks: torch.Tensor | None = None  # (N, 2, *spatial) conditioning maps, sharing sites only
+    pending_keys: list[str] = field(default_factory=list)  # non-sharing sites: their next batch
+    pending_masks: torch.Tensor | None = None
+
+    @staticmethod
+    def from_registration(name: str, reply: dict) -> "SiteState":
+        masks = P.decode_masks(reply[P.MASK_CODES]) if reply.get(P.MASK_CODES) is not None else None
+        shares = bool(reply[P.SHARES_MASKS])
+        unknown = sorted(set(reply[P.SITE_MODALITIES]) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"site {name} registered unknown modalities {unknown}")
+        state = SiteState(
+            name=name,
+            modalities=tuple(reply[P.SITE_MODALITIES]),
+            num_samples=int(reply[P.NUM_SAMPLES]),
+            keys=list(reply.get(P.SAMPLE_KEYS) or []),
+            shares_masks=shares,
+            masks=masks if shares else None,
+        )
+        if shares and (masks is None or masks.shape[0] != state.num_samples or len(state.keys) != state.num_samples):
+            raise ValueError(f"site {name} registered {state.num_samples} samples but sent a different number of masks or keys")
+        if not shares:
+            state.pending_keys, state.pending_masks = list(reply[P.NEXT_KEYS]), masks
+        return state
+
+    def describe(self) -> str:
+        return (
+            f"site {self.name}: {self.num_samples} samples, modalities {list(self.modalities)}, "
+            f"{'shares' if self.shares_masks else 'keeps'} its masks"
+        )
+
+
+def resolve_config(config_args: dict, requested_targets, sites: list[SiteState]) -> GeneratorConfig:
+    """The generator config, with target modalities defaulting to every modality some site holds."""
+    held = {m for s in sites for m in s.modalities}
+    targets = tuple(requested_targets or ()) or tuple(m for m in MODALITIES if m in held)
+    missing = [m for m in targets if m not in held]
+    if missing:
+        raise ValueError(f"target modalities {missing} are held by no site; sites hold {sorted(held)}")
+    source = config_args.get("source_modality", "t1")
+    if config_args.get("mode", "bank") == "bank" and source not in held:
+        raise ValueError(f"source modality {source!r} is held by no site; sites hold {sorted(held)}")
+    return GeneratorConfig(**config_args, target_modalities=targets)
+
+
+@dataclass
+class _Plan:
+    batches: dict  # site -> (modalities, keys, augmented masks, AugmentParams)
+    members: dict  # modality -> sites in the order their fakes are stacked
+    fakes: dict  # modality -> fakes with graph
+
+
+class StepCoordinator:
+    """Plans each exchange and applies its results to the trainer.
+
+    Args:
+        trainer: the generator trainer (G, bank, optimizers).
+        sites: registered sites, sorted by name so results combine in a fixed order.
+        rng: the server's random generator (mask sampling, augmentation).
+    """
+
+    def __init__(self, trainer: GeneratorTrainer, sites: list[SiteState], rng: np.random.Generator):
+        self.trainer = trainer
+        self.sites = {s.name: s for s in sorted(sites, key=lambda s: s.name)}
+        self.rng = rng
+        self._plan: _Plan | None = None
+
+    def step_payloads(self) -> dict[str, dict]:
+        """Per site: its keys, augmentation table and fakes of the modalities it holds."""
+        trainer, config = self.trainer, self.trainer.config
+        active = trainer.active_modalities()
+        batches = {}
+        for name, site in self.sites.items():
+            modalities = [m for m in active if m in site.modalities]
+            if not modalities:
+                continue
+            if site.shares_masks:
+                index = self.rng.choice(site.num_samples, size=config.batch_size, replace=site.num_samples < config.batch_size)
+                keys, masks = [site.keys[i] for i in index], site.masks[torch.as_tensor(index)]
+            else:
+                keys, masks = site.pending_keys, site.pending_masks
+            augment = P.AugmentParams.draw(self.rng, len(keys), config.spatial_dims, config.max_shift)
+            batches[name] = (modalities, keys, P.apply_augment(masks, augment, fill=-1.0), augment)
+        members = {m: [n for n, b in batches.items() if m in b[0]] for m in active}
+        fakes = {
+            m: trainer.generate({m: torch.cat([batches[n][2] for n in members[m]])})[m] for m in active if members[m]
+        }
+        self._plan = _Plan(batches, members, fakes)
+        payloads = {}
+        for name, (modalities, keys, _, augment) in batches.items():
+            payload = {
+                P.PHASE: trainer.phase,
+                P.STEP: trainer.progress.step,
+                P.PHASE_STEPS: trainer.phase_steps,
+                P.KEYS: list(keys),
+                P.AUGMENT: augment.table,
+            }
+            for modality in modalities:
+                payload[P.FAKE_PREFIX + modality] = self._fake_slice(modality, name).detach().cpu().numpy()
+            payloads[name] = payload
+        return payloads
+
+    def _fake_slice(self, modality: str, name: str) -> torch.Tensor:
+        start = 0
+        for member in self._plan.members[modality]:
+            size = len(self._plan.batches[member][1])
+            if member == name:
+                return self._plan.fakes[modality][start : start + size]
+            start += size
+        raise KeyError(f"site {name} got no {modality} fakes this step")
+
+    def finish_step(self, replies: dict[str, dict]) -> dict[str, dict]:
+        """Weight each site's gradient by its data share, step G; returns losses per site."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("finish_step without step_payloads")
+        absent = sorted(set(plan.batches) - set(replies))
+        if absent:
+            raise ValueError(f"no step result from sites {absent}")
+        grads = {}
+        for modality, names in plan.members.items():
+            if not names:
+                continue
+            total = sum(self.sites[n].num_samples for n in names)
+            parts = []
+            for name in names:
+                key = P.GRAD_PREFIX + modality
+                if key not in replies[name]:
+                    raise ValueError(f"site {name} returned no {modality} gradient")
+                grad = torch.as_tensor(np.asarray(replies[name][key]))
+                expected = tuple(self._fake_slice(modality, name).shape)
+                if tuple(grad.shape) != expected:
+                    raise ValueError(f"site {name} returned a {modality} gradient of shape {tuple(grad.shape)}, expected {expected}")
+                if not torch.isfinite(grad).all():
+                    raise ValueError(f"site {name} returned a non-finite {modality} gradient")
+                parts.append(grad * (self.sites[name].num_samples / total))
+            grads[modality] = torch.cat(parts)
+        losses = {}
+        for name in sorted(replies):
+            reply = replies[name]
+            losses[name] = dict(reply.get(P.LOSSES, {}))
+            site = self.sites[name]
+            if not site.shares_masks:
+                site.pending_keys = list(reply[P.NEXT_KEYS])
+                site.pending_masks = P.decode_masks(reply[P.MASK_CODES])
+        self.trainer.apply_gradients(plan.fakes, grads)
+        self._plan = None
+        return losses
+
+    def preview_payloads(self, count: int) -> dict[str, dict]:
+        """Per site: synthetic images of every modality G knows, for a few of the site's masks."""
+        payloads = {}
+        for name, site in self.sites.items():
+            if site.masks is not None:
+                keys, masks = site.keys[:count], site.masks[:count]
+            else:
+                keys, masks = site.pending_keys[:count], site.pending_masks[:count]
+            fakes = self.trainer.synthesize(masks)
+            payloads[name] = {P.KEYS: list(keys), **{P.FAKE_PREFIX + m: f.numpy() for m, f in fakes.items()}}
+        return payloads
+
+    def sample_masks(self, per_site: int = 2) -> torch.Tensor:
+        """A fixed set of masks for the server's sample grids, spread over each site's slices."""
+        picks = []
+        for site in self.sites.values():
+            masks = site.masks if site.masks is not None else site.pending_masks
+            stride = max(1, masks.shape[0] // per_site)
+            picks.append(masks[::stride][:per_site])
+        return torch.cat(picks)

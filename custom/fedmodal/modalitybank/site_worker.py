@@ -1,0 +1,135 @@
+"""One site's side of every ModalityBank exchange, independent of how messages travel.
+
+`SiteWorker` holds the site's slices (stacked, so a step only indexes them) and its
+discriminators; it answers registration, step and preview payloads with plain dicts. The NVFlare
+executor wraps it; the centralised benchmark calls it in-process with the same payloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmodal import MODALITIES
+from fedmodal.modalitybank import protocol as P
+from fedmodal.modalitybank.grids import save_grid
+from fedmodal.modalitybank.site_trainer import AdversaryConfig, SiteAdversary
+
+
+class SiteWorker:
+    """Answers the server's payloads for one site.
+
+    Args:
+        site_name: the site's name (for messages and grid titles).
+        dataset: a `fedmodal.data.datasets.SynthesisSlices` of the site's cases.
+        modalities: the modalities the site holds and uses (canonical names).
+        adversary_config: discriminator settings, DP included.
+        batch_size: batch the site draws itself when it keeps its masks.
+        shares_masks: send every mask at registration (else one batch at a time).
+        seed: the site's seed.
+        out_dir: where local grids and discriminator checkpoints go.
+        device: torch device.
+    """
+
+    def __init__(
+        self,
+        site_name: str,
+        dataset,
+        modalities,
+        adversary_config: AdversaryConfig,
+        batch_size: int,
+        shares_masks: bool,
+        seed: int,
+        out_dir: str | Path,
+        device="cpu",
+    ):
+        if len(dataset) == 0:
+            raise ValueError(f"site {site_name}: no slice to train on")
+        self.site_name = site_name
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.batch_size = batch_size
+        self.shares_masks = shares_masks
+        self.out_dir = Path(out_dir)
+        self.rng = np.random.default_rng(seed)
+        items = [dataset[i] for i in range(len(dataset))]
+        self.keys = [item["key"] for item in items]
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        self.cond = torch.stack([torch.as_tensor(item["cond"]) for item in items]).float()
+        self.images = torch.stack([torch.as_tensor(item["image"]) for item in items]).float()
+        self.brain = torch.stack([torch.as_tensor(item["brain"]) for item in items]).float()
+        self.adversary = SiteAdversary(self.modalities, spatial_dims=self.cond.ndim - 2, config=adversary_config, device=device)
+
+    def registration(self) -> dict:
+        reply = {
+            P.SITE_MODALITIES: list(self.modalities),
+            P.NUM_SAMPLES: len(self.keys),
+            P.SHARES_MASKS: self.shares_masks,
+        }
+        if self.shares_masks:
+            reply[P.SAMPLE_KEYS] = list(self.keys)
+            reply[P.MASK_CODES] = P.encode_masks(self.cond)
+        else:
+            reply.update(self._next_batch())
+        return reply
+
+    def _next_batch(self) -> dict:
+        """For a site that keeps its masks: the batch it chose for the next step, masks included."""
+        index = self.rng.choice(len(self.keys), size=self.batch_size, replace=len(self.keys) < self.batch_size)
+        return {P.NEXT_KEYS: [self.keys[i] for i in index], P.MASK_CODES: P.encode_masks(self.cond[torch.as_tensor(index)])}
+
+    def _lookup(self, keys: list[str]) -> torch.Tensor:
+        unknown = [k for k in keys if k not in self.index]
+        if unknown:
+            raise KeyError(f"site {self.site_name}: the server asked for unknown sample keys {unknown[:3]}")
+        return torch.as_tensor([self.index[k] for k in keys])
+
+    @staticmethod
+    def _fakes(payload: dict) -> dict[str, torch.Tensor]:
+        return {
+            key[len(P.FAKE_PREFIX) :]: torch.as_tensor(np.asarray(value))
+            for key, value in payload.items()
+            if key.startswith(P.FAKE_PREFIX)
+        }
+
+    def step(self, payload: dict) -> dict:
+        """Augment the real batch like the server did, train D, return gradients and losses."""
+        index = self._lookup(payload[P.KEYS])
+        augment = P.AugmentParams(np.asarray(payload[P.AUGMENT]))
+        cond = P.apply_augment(self.cond[index], augment, fill=-1.0)
+        images = P.apply_augment(self.images[index], augment, fill=-1.0)
+        brain = P.apply_augment(self.brain[index], augment, fill=0.0)
+        fakes = self._fakes(payload)
+        for modality, fake in fakes.items():
+            if tuple(fake.shape[:1]) != (len(index),) or tuple(fake.shape[2:]) != tuple(cond.shape[2:]):
+                raise ValueError(f"site {self.site_name}: {modality} fakes of shape {tuple(fake.shape)} for masks {tuple(cond.shape)}")
+        real = {m: images[:, MODALITIES.index(m)].unsqueeze(1) for m in fakes}
+        grads, losses = self.adversary.step(
+            cond, real, fakes, brain, step=int(payload[P.STEP]), total_steps=int(payload[P.PHASE_STEPS])
+        )
+        reply = {P.GRAD_PREFIX + m: g.detach().cpu().numpy().astype(np.float32) for m, g in grads.items()}
+        reply[P.LOSSES] = losses
+        if not self.shares_masks:
+            reply.update(self._next_batch())
+        return reply
+
+    def preview(self, payload: dict, name: str = "final.png") -> Path:
+        """Draw mask | synthetic m | real m for every modality ("n/a" where the site has none)."""
+        index = self._lookup(payload[P.KEYS])
+        fakes = self._fakes(payload)
+        modalities = [m for m in MODALITIES if m in fakes or m in self.modalities]
+        titles = ["mask"]
+        for m in modalities:
+            titles += [f"synthetic {m}", f"real {m}"]
+        rows = []
+        for i, sample in enumerate(index.tolist()):
+            row = [self.cond[sample, 0].numpy()]
+            for m in modalities:
+                row.append(fakes[m][i, 0].numpy() if m in fakes else None)
+                row.append(self.images[sample, MODALITIES.index(m)].numpy() if m in self.modalities else None)
+            rows.append(row)
+        return save_grid(rows, titles, self.out_dir / "grids" / name, f"{self.site_name}: synthetic vs real")
+
+    def save(self) -> None:
+        self.adversary.save(self.out_dir / "discriminators.pt")
