@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedmodal import MODALITIES
@@ -94,6 +94,8 @@ class CaseFiles:
         grade: "HGG"/"LGG" for brats2018 trees, else None.
         notes: warnings raised while reading the folder (e.g. a misnamed seg).
         conflicts: modality (or "seg") -> several files naming it; ``check_case`` rejects these.
+        synthetic: canonical modality -> a synthetic image written by ``fedmodal complete``
+            (``<case_id>_<modality>_synthetic.nii.gz``); never used unless asked for.
     """
 
     case_id: str
@@ -105,6 +107,7 @@ class CaseFiles:
     grade: str | None = None
     notes: list[str] = field(default_factory=list)
     conflicts: dict[str, list[Path]] = field(default_factory=dict)
+    synthetic: dict[str, Path] = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -237,6 +240,35 @@ SITE_FILE = "fedmodal_site.json"
 _SEG_TOKENS = ("seg", "segmentation", "label", "labels")
 
 
+SYNTHETIC_TAG = "synthetic"
+
+
+def synthetic_file(case: CaseFiles, modality: str) -> Path:
+    """Where ``fedmodal complete`` writes a case's synthetic `modality`, beside the real files."""
+    sep = _FILE_SEPARATOR[case.release]
+    return case.folder / f"{case.case_id}{sep}{canonical_modality(modality)}{sep}{SYNTHETIC_TAG}.nii.gz"
+
+
+def with_synthetic(case: CaseFiles) -> CaseFiles:
+    """A copy of `case` whose missing modalities are filled by its synthetic files (noted)."""
+    filled = {m: p for m, p in case.synthetic.items() if m not in case.images}
+    if not filled:
+        return case
+    notes = [*case.notes, f"{case.case_id}: synthetic {sorted(filled)} stand in for missing modalities"]
+    return replace(case, images={**case.images, **filled}, notes=notes)
+
+
+def _synthetic_token(stem: str, case_id: str) -> str | None:
+    """Canonical modality of a ``<case_id>_<modality>_synthetic`` stem, else None."""
+    lowered = stem.lower()
+    if not lowered.startswith(case_id.lower()):
+        return None
+    parts = re.split(r"[_\-]", lowered[len(case_id) :].strip("_-"))
+    if len(parts) == 2 and parts[1] == SYNTHETIC_TAG:
+        return MODALITY_ALIASES.get(parts[0])
+    return None
+
+
 def _nifti_stem(path: Path) -> str | None:
     """File name without its NIfTI extension, or None if it is not a NIfTI file."""
     name = path.name
@@ -342,6 +374,10 @@ def read_case_folder(folder: Path, release: str, grade: str | None = None) -> Ca
     for path in sorted(folder.iterdir()):
         stem = _nifti_stem(path)
         if stem is None or not path.is_file():
+            continue
+        synthetic = _synthetic_token(stem, case_id)
+        if synthetic is not None:
+            case.synthetic[synthetic] = path
             continue
         token = _file_token(stem, case_id)
         if token is None:

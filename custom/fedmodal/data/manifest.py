@@ -27,7 +27,15 @@ from typing import Any
 
 from fedmodal import MODALITIES
 from fedmodal.data.checks import DataError, check_case
-from fedmodal.data.layouts import ET_LABEL, SITE_FILE, CaseFiles, canonical_modality, detect_release, discover_cases
+from fedmodal.data.layouts import (
+    ET_LABEL,
+    SITE_FILE,
+    CaseFiles,
+    canonical_modality,
+    detect_release,
+    discover_cases,
+    with_synthetic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +254,7 @@ def build_manifest(
     need_seg: bool = True,
     split: tuple[float, float, float] | None = None,
     seed: int | None = None,
+    include_synthetic: bool = False,
 ) -> SiteManifest:
     """Read a site's data folder into a :class:`SiteManifest`.
 
@@ -258,6 +267,8 @@ def build_manifest(
         need_seg: whether a case without a segmentation is a problem.
         split: (train, val, test) fractions. Default: the site file's, else (0.7, 0.1, 0.2).
         seed: seed of the split hash. Default: the site file's, else 0.
+        include_synthetic: let the synthetic files of ``fedmodal complete`` stand in for a
+            case's missing modalities (a "completed site"); real files always win.
 
     Raises:
         DataError: no case folder found, an invalid site file, or any case problem under "stop".
@@ -280,6 +291,8 @@ def build_manifest(
     except DataError as error:
         raise DataError(site, error.case, error.file, error.problem) from error
     cases = discover_cases(root, release)
+    if include_synthetic:
+        cases = [with_synthetic(case) for case in cases]
 
     usable: list[CaseFiles] = []
     problems: list[dict[str, Any]] = []
