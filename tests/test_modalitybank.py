@@ -1,0 +1,238 @@
+"""ModalityBank without NVFlare: the coordinator and site workers exchange the real payloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmodal import MODALITIES
+from fedmodal.data.datasets import SynthesisSlices
+from fedmodal.data.manifest import build_manifest
+from fedmodal.data.phantoms import build_federation
+from fedmodal.modalitybank import protocol as P
+from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
+from fedmodal.modalitybank.generator_trainer import GeneratorTrainer, load_trained_generator
+from fedmodal.modalitybank.site_trainer import AdversaryConfig, SiteAdversary
+from fedmodal.modalitybank.site_worker import SiteWorker
+from fedmodal.nets import madafm
+
+TINY = dict(image_size=32, ngf=8, n_blocks=2, batch_size=2, pretrain_steps=2, bank_steps=2, max_shift=2)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms") / "fed"
+    return build_federation(root, shape=(40, 40, 24), cases_per_site=2, test_cases=2)
+
+
+@pytest.fixture(scope="module")
+def site_slices(federation):
+    out = {}
+    for site in ("site-1", "site-2", "site-3"):
+        manifest = build_manifest(federation / site, site=site, split=(1.0, 0.0, 0.0))
+        out[site] = (SynthesisSlices(manifest.cases, size=32, slices="brain"), manifest.modalities)
+    return out
+
+
+def make_workers(site_slices, tmp_path, shares=None, adversary=None):
+    shares = shares or {}
+    workers = {}
+    for seed, (site, (dataset, modalities)) in enumerate(sorted(site_slices.items())):
+        workers[site] = SiteWorker(
+            site,
+            dataset,
+            modalities,
+            adversary or AdversaryConfig(ndf=8, n_layers=2, seed=seed),
+            batch_size=TINY["batch_size"],
+            shares_masks=shares.get(site, True),
+            seed=seed,
+            out_dir=tmp_path / site,
+        )
+    return workers
+
+
+def run_federation(workers, config_args=None, until_phase_ends=False):
+    sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
+    config = resolve_config({**TINY, **(config_args or {})}, (), sites)
+    trainer = GeneratorTrainer(config)
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    exchanged = []
+    while not trainer.finished:
+        payloads = coordinator.step_payloads()
+        replies = {name: workers[name].step(payload) for name, payload in payloads.items()}
+        exchanged.append((payloads, replies))
+        coordinator.finish_step(replies)
+    return trainer, coordinator, exchanged
+
+
+def test_masks_survive_the_wire_format():
+    label = torch.randint(0, 4, (3, 16, 16)).float() / 3 * 2 - 1
+    contour = torch.where(torch.rand(3, 16, 16) > 0.7, 1.0, -1.0)
+    cond = torch.stack([label, contour], dim=1)
+    codes = P.encode_masks(cond)
+    assert codes.dtype == np.uint8
+    assert torch.equal(P.decode_masks(codes), cond)
+
+
+def test_augmentation_is_the_same_on_both_sides_and_keeps_background():
+    rng = np.random.default_rng(1)
+    batch = torch.rand(4, 2, 12, 12) * 2 - 1
+    params = P.AugmentParams.draw(rng, 4, 2, max_shift=3)
+    once = P.apply_augment(batch, params, fill=-1.0)
+    again = P.apply_augment(batch.clone(), P.AugmentParams(params.table.copy()), fill=-1.0)
+    assert torch.equal(once, again)
+    identity = P.apply_augment(batch, P.AugmentParams.identity(4, 2), fill=-1.0)
+    assert torch.equal(identity, batch)
+    shift = P.AugmentParams(np.array([[0, 2, 0]], dtype=np.int16))
+    shifted = P.apply_augment(batch[:1], shift, fill=-1.0)
+    assert torch.equal(shifted[0, :, 2:], batch[0, :, :-2])
+    assert torch.all(shifted[0, :, :2] == -1.0)
+
+
+def test_missing_modality_federation_trains_every_target(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    # Each phantom site lacks one of t1ce/t2/flair; every target is still held by two sites.
+    held = {name: set(w.modalities) for name, w in workers.items()}
+    assert all("t1" in h for h in held.values())
+    assert sorted(len(h) for h in held.values()) == [3, 3, 3]
+
+    trainer, coordinator, exchanged = run_federation(workers)
+    assert trainer.finished
+    assert madafm.modalities(trainer.generator) == MODALITIES
+    for payloads, replies in exchanged:
+        for name, payload in payloads.items():
+            sent = {k[len(P.FAKE_PREFIX) :] for k in payload if k.startswith(P.FAKE_PREFIX)}
+            assert sent <= held[name], "a site received fakes of a modality it does not hold"
+            returned = {k[len(P.GRAD_PREFIX) :] for k in replies[name] if k.startswith(P.GRAD_PREFIX)}
+            assert returned == sent
+            for modality in sent:
+                assert replies[name][P.GRAD_PREFIX + modality].shape == payload[P.FAKE_PREFIX + modality].shape
+    fakes = trainer.synthesize(coordinator.sample_masks())
+    assert set(fakes) == set(MODALITIES)
+    for image in fakes.values():
+        assert image.shape[1:] == (1, 32, 32) and image.abs().max() <= 1.0
+
+
+def test_bank_starts_as_the_pretrained_generator_and_leaves_it_frozen(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
+    trainer = GeneratorTrainer(resolve_config(TINY, (), sites))
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    masks = coordinator.sample_masks()
+    while trainer.phase == "pretrain":
+        payloads = coordinator.step_payloads()
+        coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
+    assert trainer.modulated
+    frozen_before = {k: v.clone() for k, v in madafm.frozen_state_dict(trainer.generator).items()}
+    pretrained_output = None
+    with torch.no_grad():
+        # A new bank entry reproduces the pretrained generator exactly.
+        madafm.set_modality(trainer.generator, "t2")
+        trainer.generator.eval()
+        pretrained_output = trainer.generator(masks)
+        for modality in MODALITIES:
+            madafm.set_modality(trainer.generator, modality)
+            assert torch.allclose(trainer.generator(masks), pretrained_output, atol=1e-6)
+    banks_before = {m: madafm.bank_state_dict(trainer.generator, m) for m in MODALITIES}
+    while not trainer.finished:
+        payloads = coordinator.step_payloads()
+        coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
+    frozen_after = madafm.frozen_state_dict(trainer.generator)
+    assert frozen_after.keys() == frozen_before.keys()
+    for key, value in frozen_before.items():
+        assert torch.equal(frozen_after[key], value), f"frozen tensor {key} changed during bank training"
+    for modality in MODALITIES:
+        after = madafm.bank_state_dict(trainer.generator, modality)
+        assert any(not torch.equal(after[k], banks_before[modality][k]) for k in after), f"bank {modality} never trained"
+
+
+def test_checkpoint_round_trip_and_resume(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    trainer, coordinator, _ = run_federation(workers)
+    saved = trainer.save(tmp_path / "ckpt")
+    bank_files = sorted(p.name for p in (saved / "bank").iterdir())
+    assert bank_files == sorted(f"{m}.pt" for m in MODALITIES)
+    generator_bytes = (saved / "generator.pt").stat().st_size
+    assert all((saved / "bank" / f).stat().st_size < generator_bytes for f in bank_files)
+    masks = coordinator.sample_masks()
+    reloaded = load_trained_generator(saved)
+    expected, got = trainer.synthesize(masks), reloaded.synthesize(masks)
+    for modality in MODALITIES:
+        assert torch.equal(expected[modality], got[modality])
+
+    # Resume mid-way: stop after the pretraining phase, rebuild from disk, finish.
+    workers = make_workers(site_slices, tmp_path)
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
+    config = resolve_config(TINY, (), sites)
+    first = GeneratorTrainer(config)
+    coordinator = StepCoordinator(first, sites, np.random.default_rng(0))
+    while first.phase == "pretrain":
+        payloads = coordinator.step_payloads()
+        coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
+    first.save(tmp_path / "mid")
+    resumed = GeneratorTrainer.resume(tmp_path / "mid", config)
+    assert resumed.phase == "bank" and resumed.progress.step == 0 and resumed.modulated
+    for key, value in madafm.frozen_state_dict(first.generator).items():
+        assert torch.equal(madafm.frozen_state_dict(resumed.generator)[key], value)
+    with pytest.raises(ValueError, match="differs in"):
+        GeneratorTrainer.resume(tmp_path / "mid", resolve_config({**TINY, "ngf": 16}, (), sites))
+
+
+def test_site_that_keeps_its_masks_sends_one_batch_at_a_time(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path, shares={"site-2": False})
+    registration = workers["site-2"].registration()
+    assert P.SAMPLE_KEYS not in registration
+    assert registration[P.MASK_CODES].shape[0] == TINY["batch_size"]
+    trainer, _, exchanged = run_federation(workers)
+    assert trainer.finished
+    for payloads, replies in exchanged:
+        if "site-2" in payloads:
+            assert replies["site-2"][P.MASK_CODES].shape[0] == TINY["batch_size"]
+        for name in ("site-1", "site-3"):
+            assert P.MASK_CODES not in replies.get(name, {})
+
+
+def test_differential_privacy_clips_each_sample():
+    torch.manual_seed(0)
+    config = AdversaryConfig(ndf=8, n_layers=2, dp_clip=0.01, dp_noise=0.0)
+    adversary = SiteAdversary(("t2",), spatial_dims=2, config=config)
+    cond = torch.rand(3, 2, 32, 32) * 2 - 1
+    real = {"t2": torch.rand(3, 1, 32, 32) * 2 - 1}
+    fake = {"t2": torch.rand(3, 1, 32, 32) * 2 - 1}
+    grads, _ = adversary.step(cond, real, fake)
+    per_sample = grads["t2"].flatten(1).norm(dim=1) * 3  # returned gradients are of the batch mean
+    assert torch.all(per_sample <= 0.01 + 1e-6)
+    with pytest.raises(ValueError, match="does not hold"):
+        adversary.step(cond, real, {"flair": fake["t2"]})
+
+    noisy = SiteAdversary(("t2",), spatial_dims=2, config=AdversaryConfig(ndf=8, n_layers=2, dp_clip=0.01, dp_noise=1.0))
+    grads_noisy, _ = noisy.step(cond, real, fake)
+    assert grads_noisy["t2"].flatten(1).norm(dim=1).mean() * 3 > 0.1  # noise of scale sigma*C per voxel
+
+
+def test_bad_site_replies_are_refused(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
+    trainer = GeneratorTrainer(resolve_config(TINY, (), sites))
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    payloads = coordinator.step_payloads()
+    replies = {n: workers[n].step(p) for n, p in payloads.items()}
+    broken = dict(replies["site-1"])
+    broken[P.GRAD_PREFIX + "t1"] = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    with pytest.raises(ValueError, match="site-1 returned a t1 gradient of shape"):
+        coordinator.finish_step({**replies, "site-1": broken})
+    with pytest.raises(ValueError, match="no step result from sites"):
+        coordinator.finish_step({"site-1": replies["site-1"]})
+    with pytest.raises(KeyError, match="unknown sample keys"):
+        workers["site-1"].step({**payloads["site-1"], P.KEYS: ["nope/z1"] * TINY["batch_size"]})
+    with pytest.raises(ValueError, match="held by no site"):
+        resolve_config(TINY, ("t1", "t1ce"), [s for s in sites if s.name == "site-1"])
+
+
+def test_asyndgan_mode_has_no_bank(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    trainer, coordinator, _ = run_federation(workers, {"mode": "asyndgan"})
+    assert not trainer.modulated
+    assert trainer.config.phases == [("asyndgan", TINY["pretrain_steps"] + TINY["bank_steps"])]
+    assert set(trainer.synthesize(coordinator.sample_masks())) == set(MODALITIES)
