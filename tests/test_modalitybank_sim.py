@@ -1,0 +1,128 @@
+"""jobs/modalitybank in NVFlare's own simulator, at a tiny size, with the privacy audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmodal.data.phantoms import build_federation
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "modalitybank"
+NVFLARE = Path(sys.executable).with_name("nvflare")
+
+pytestmark = pytest.mark.integration
+
+TINY_SERVER = dict(
+    image_size=32, ngf=8, n_blocks=2, batch_size=2, pretrain_steps=2, bank_steps=3,
+    sample_every=2, log_every=1, checkpoint_every=2, preview_count=2, step_timeout=300,
+)
+TINY_SITE = dict(ndf=8, n_layers=2, split="all")
+
+
+def tiny_job(tmp_path: Path) -> Path:
+    job = tmp_path / "job"
+    shutil.copytree(JOB, job)
+    server = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(server.read_text())
+    config["workflows"][0]["args"].update(TINY_SERVER)
+    server.write_text(json.dumps(config))
+    client = job / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client.read_text())
+    config["executors"][0]["executor"]["args"].update(TINY_SITE)
+    client.write_text(json.dumps(config))
+    return job
+
+
+def read_audit(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def simulated_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mbsim")
+    data = build_federation(tmp_path / "data", shape=(40, 40, 24), cases_per_site=2, test_cases=2)
+    # site-2's IT keeps its masks at home: the site file overrides the job.
+    (data / "site-2" / "fedmodal_site.json").write_text(json.dumps({"share_masks": False}))
+    workspace = tmp_path / "ws"
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(NVFLARE), "simulator", str(tiny_job(tmp_path)), "-w", str(workspace), "-n", "3", "-t", "3"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return workspace, log
+
+
+def test_job_trains_and_leaves_its_outputs(simulated_run):
+    workspace, log = simulated_run
+    assert "ModalityBank finished" in log, log[-4000:]
+    out = workspace / "server" / "simulate_job" / "modalitybank"
+    checkpoint = out / "checkpoint"
+    assert (checkpoint / "generator.pt").is_file()
+    assert sorted(p.name for p in (checkpoint / "bank").iterdir()) == ["flair.pt", "t1.pt", "t1ce.pt", "t2.pt"]
+    assert list((out / "samples").glob("step_*.png"))
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == {"pretrain": 2, "bank": 3}
+    assert summary["sites"]["site-2"]["shares_masks"] is False
+    for site in ("site-1", "site-2", "site-3"):
+        assert (workspace / site / "simulate_job" / "modalitybank" / "grids" / "final.png").is_file()
+    progress = [line for line in log.splitlines() if "progress {" in line]
+    assert len(progress) == 5
+    record = json.loads(progress[-1].split("progress ", 1)[1])
+    assert record["phase"] == "bank" and record["step"] == 3 and "eta_s" in record
+
+
+def test_privacy_audit_holds(simulated_run):
+    """A site sends masks and keys once (or one batch of masks per step if it keeps them),
+    gradients shaped like the fakes it received, and loss scalars; it never receives G."""
+    workspace, _ = simulated_run
+    for site in ("site-1", "site-2", "site-3"):
+        records = read_audit(workspace / site / "simulate_job" / "payload_audit.jsonl")
+        received = [r for r in records if r["direction"] == "in"]
+        sent = [r for r in records if r["direction"] == "out"]
+        assert [r["task"] for r in sent] == [r["task"] for r in received]
+        shares_masks = site != "site-2"
+
+        for incoming in received:
+            for key, item in incoming["items"].items():
+                if key.startswith("fake/"):
+                    assert item["kind"] == "array" and item["shape"][1] == 1 and len(item["shape"]) == 4
+                elif key == "augment":
+                    assert item["kind"] == "array" and item["shape"][1] == 3
+                else:
+                    # Everything else is small metadata: no tensor or weight ever arrives.
+                    assert key in {"config", "phase", "step", "phase_steps", "keys"}, key
+                    assert item["kind"] in {"dict", "scalar", "string", "list"}, (key, item)
+
+        registrations = [r for r in sent if r["task"] == "mb_register"]
+        assert len(registrations) == 1
+        register_keys = set(registrations[0]["items"])
+        if shares_masks:
+            assert register_keys == {"modalities", "num_samples", "shares_masks", "sample_keys", "mask_codes"}
+        else:
+            assert register_keys == {"modalities", "num_samples", "shares_masks", "next_keys", "mask_codes"}
+        assert registrations[0]["items"]["mask_codes"]["dtype"] == "uint8"
+
+        for incoming, outgoing in zip(received, sent):
+            if incoming["task"] != "mb_step":
+                if incoming["task"] == "mb_preview":
+                    assert outgoing["items"] == {}
+                continue
+            fakes = {k[5:]: v["shape"] for k, v in incoming["items"].items() if k.startswith("fake/")}
+            grads = {k[5:]: v["shape"] for k, v in outgoing["items"].items() if k.startswith("grad/")}
+            assert grads == fakes, f"{site}: gradients must match the fakes received"
+            others = set(outgoing["items"]) - {f"grad/{m}" for m in grads}
+            expected = {"losses"} if shares_masks else {"losses", "next_keys", "mask_codes"}
+            assert others == expected, f"{site} sent {others}"
+            losses = outgoing["items"]["losses"]
+            assert losses["kind"] == "dict"
+            assert all(k.split("/")[0] in fakes for k in losses["keys"])
