@@ -40,6 +40,9 @@ class GeneratorConfig:
         modulate: which convs the bank modulates: "resblocks" (reference code) or "all" (paper text).
         source_modality: the modality G is pretrained on.
         target_modalities: the modalities G learns to synthesise (canonical order is kept).
+        train_source_bank: in "bank" mode, also train the source modality's bank entry. By
+            default it stays at its initial value, which reproduces the pretrained generator
+            exactly, so the source modality costs no bank-phase compute.
         pretrain_steps: G steps of the pretraining phase ("bank" mode).
         bank_steps: G steps of the bank phase; in "asyndgan" mode the single phase gets
             pretrain_steps + bank_steps, the same budget.
@@ -58,6 +61,7 @@ class GeneratorConfig:
     modulate: str = "resblocks"
     source_modality: str = "t1"
     target_modalities: tuple[str, ...] = MODALITIES
+    train_source_bank: bool = False
     pretrain_steps: int = 300
     bank_steps: int = 600
     batch_size: int = 4
@@ -83,7 +87,12 @@ class GeneratorConfig:
         return [("pretrain", self.pretrain_steps), ("bank", self.bank_steps)]
 
     def phase_modalities(self, phase: str) -> tuple[str, ...]:
-        return (self.source_modality,) if phase == "pretrain" else self.target_modalities
+        """The modalities whose fakes are trained in `phase`."""
+        if phase == "pretrain":
+            return (self.source_modality,)
+        if phase == "bank" and not self.train_source_bank:
+            return tuple(m for m in self.target_modalities if m != self.source_modality)
+        return self.target_modalities
 
 
 def linear_decay_factor(step: int, total: int) -> float:
@@ -160,7 +169,8 @@ class GeneratorTrainer:
                 for modality in self.config.target_modalities:
                     madafm.add_modality(self.generator, modality)
                 self.generator.to(self.device)
-            params = [p for m in self.config.target_modalities for p in madafm.bank_parameters(self.generator, m)]
+            trained = self.config.phase_modalities("bank")
+            params = [p for m in trained for p in madafm.bank_parameters(self.generator, m)]
         else:
             params = list(self.generator.parameters())
         self.optimizer = torch.optim.Adam(params, lr=self.config.lr, betas=(self.config.beta1, 0.999))

@@ -1,0 +1,158 @@
+"""ModalityBank: federated steps per second against the same training in one process.
+
+Both sides run the same code on the same phantom data, batch and networks (the job's own
+config): the centralised run hands the coordinator's payloads straight to in-process site
+workers; the federated run is `nvflare simulator` on jobs/modalitybank with only the step
+counts changed. Also reports bytes per step per site (from the payload audit) and the bank's
+size against the frozen generator.
+
+    python benchmarks/bench_modalitybank.py --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "modalitybank"
+
+
+def job_args() -> tuple[dict, dict]:
+    server = json.loads((JOB / "app/config/config_fed_server.json").read_text())["workflows"][0]["args"]
+    client = json.loads((JOB / "app/config/config_fed_client.json").read_text())["executors"][0]["executor"]["args"]
+    return server, client
+
+
+def central(steps: int, data_root: Path) -> dict:
+    """Steps per second per phase with every site's worker in this process."""
+    from fedmodal.data.datasets import SynthesisSlices
+    from fedmodal.data.manifest import build_manifest
+    from fedmodal.fl.site import site_seed
+    from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
+    from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
+    from fedmodal.modalitybank.site_trainer import AdversaryConfig
+    from fedmodal.modalitybank.site_worker import SiteWorker
+
+    server, client = job_args()
+    workers = {}
+    out = Path(tempfile.mkdtemp(prefix="mb-central-"))
+    for site in ("site-1", "site-2", "site-3"):
+        manifest = build_manifest(data_root / site, site=site)
+        dataset = SynthesisSlices(manifest.cases_in(client["split"]), size=server["image_size"], slices=server["slices"])
+        seed = site_seed(server["seed"], site)
+        adversary = AdversaryConfig(ndf=client["ndf"], n_layers=client["n_layers"], lambda_l1=client["lambda_l1"], seed=seed)
+        workers[site] = SiteWorker(site, dataset, manifest.modalities, adversary, server["batch_size"], True, seed, out)
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in workers.items()]
+    keys = ("mode", "image_size", "ngf", "n_blocks", "modulate", "source_modality", "batch_size", "lr", "max_shift", "seed")
+    config = resolve_config({**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps}, (), sites)
+    trainer = GeneratorTrainer(config)
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
+    timings: dict[str, list[float]] = {}
+    while not trainer.finished:
+        phase = trainer.phase
+        started = time.perf_counter()
+        payloads = coordinator.step_payloads()
+        coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
+        timings.setdefault(phase, []).append(time.perf_counter() - started)
+    shutil.rmtree(out, ignore_errors=True)
+    # The first steps pay one-off costs (allocation, lazy discriminators): skip a few.
+    return {phase: (len(t) - 3) / sum(t[3:]) for phase, t in timings.items()}
+
+
+def federated(steps: int, data_root: Path, task_request_interval: float) -> dict:
+    """Steps per second per phase and bytes per step per site, from a simulator run."""
+    work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
+    job = work / "job"
+    shutil.copytree(JOB, job)
+    server_file = job / "app/config/config_fed_server.json"
+    config = json.loads(server_file.read_text())
+    config["server"]["task_request_interval"] = task_request_interval
+    config["workflows"][0]["args"].update(pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10)
+    server_file.write_text(json.dumps(config))
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
+    nvflare = Path(sys.executable).with_name("nvflare")
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", "3", "-t", "3"],
+        env=env, cwd=work, capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    summary = json.loads((work / "ws/server/simulate_job/modalitybank/summary.json").read_text())
+    per_site = {}
+    for site in ("site-1", "site-2", "site-3"):
+        records = [json.loads(l) for l in (work / "ws" / site / "simulate_job/payload_audit.jsonl").read_text().splitlines()]
+        step_bytes = [sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_step"]
+        register_bytes = sum(sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_register")
+        n_steps = max(1, sum(1 for r in records if r["task"] == "mb_step" and r["direction"] == "in"))
+        per_site[site] = {"bytes_per_step": sum(step_bytes) / n_steps, "register_bytes": register_bytes}
+    shutil.rmtree(work, ignore_errors=True)
+    return {"steps_per_second": summary["steps_per_second"], "wall_seconds": wall, "per_site": per_site}
+
+
+def bank_sizes() -> list[dict]:
+    from fedmodal.nets import madafm
+    from fedmodal.nets.generator import ResnetGenerator
+
+    rows = []
+    for ngf, blocks, label in ((32, 6, "default job"), (64, 9, "paper")):
+        for target in ("resblocks", "all"):
+            g = madafm.modulate(ResnetGenerator(2, 2, 1, ngf=ngf, n_blocks=blocks), target=target, modalities=("t2",))
+            counts = madafm.count_parameters(g, "t2")
+            rows.append({"generator": f"{label} (ngf {ngf}, {blocks} blocks)", "target": target, **counts})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="steps per phase")
+    parser.add_argument("--intervals", type=float, nargs="+", default=[0.05, 2.0], help="task_request_interval values")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modalitybank.json"))
+    args = parser.parse_args()
+
+    from fedmodal.data.phantoms import ensure_federation
+
+    data_root = ensure_federation()
+    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "steps_per_phase": args.steps}
+    results["central_steps_per_second"] = central(args.steps, data_root)
+    results["federated"] = {str(i): federated(args.steps, data_root, i) for i in args.intervals}
+    results["bank"] = bank_sizes()
+
+    print(f"\nModalityBank, {args.steps} steps per phase, default job configuration, {os.cpu_count()} CPUs\n")
+    print("| run | pretrain steps/s | bank steps/s | ratio to central (pretrain, bank) |")
+    print("|---|---|---|---|")
+    c = results["central_steps_per_second"]
+    print(f"| central, one process | {c['pretrain']:.3f} | {c['bank']:.3f} | 1, 1 |")
+    for interval, fed in results["federated"].items():
+        f = fed["steps_per_second"]
+        print(
+            f"| simulator, task_request_interval {interval} s | {f['pretrain']:.3f} | {f['bank']:.3f} | "
+            f"{f['pretrain'] / c['pretrain']:.2f}, {f['bank'] / c['bank']:.2f} |"
+        )
+    fed = next(iter(results["federated"].values()))
+    print("\n| site | bytes per step (both ways) | registration bytes |\n|---|---|---|")
+    for site, row in fed["per_site"].items():
+        print(f"| {site} | {row['bytes_per_step'] / 1024:.1f} KiB | {row['register_bytes'] / 1024:.1f} KiB |")
+    print("\n| generator | bank target | bank per modality | frozen | ratio |\n|---|---|---|---|---|")
+    for row in results["bank"]:
+        print(f"| {row['generator']} | {row['target']} | {row['bank']:,} | {row['frozen']:,} | {row['ratio']:.1%} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
