@@ -36,35 +36,17 @@ def job_args() -> tuple[dict, dict]:
 
 def central(steps: int, data_root: Path) -> dict:
     """Steps per second per phase with every site's worker in this process."""
-    from fedmodal.data.datasets import SynthesisSlices
-    from fedmodal.data.manifest import build_manifest
-    from fedmodal.fl.site import site_seed
-    from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
-    from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
-    from fedmodal.modalitybank.site_trainer import AdversaryConfig
-    from fedmodal.modalitybank.site_worker import SiteWorker
+    from fedmodal.modalitybank.central import build_workers, train
 
     server, client = job_args()
-    workers = {}
     out = Path(tempfile.mkdtemp(prefix="mb-central-"))
-    for site in ("site-1", "site-2", "site-3"):
-        manifest = build_manifest(data_root / site, site=site)
-        dataset = SynthesisSlices(manifest.cases_in(client["split"]), size=server["image_size"], slices=server["slices"])
-        seed = site_seed(server["seed"], site)
-        adversary = AdversaryConfig(ndf=client["ndf"], n_layers=client["n_layers"], lambda_l1=client["lambda_l1"], seed=seed)
-        workers[site] = SiteWorker(site, dataset, manifest.modalities, adversary, server["batch_size"], True, seed, out)
-    sites = [SiteState.from_registration(n, w.registration()) for n, w in workers.items()]
+    workers = build_workers(
+        {site: data_root / site for site in ("site-1", "site-2", "site-3")},
+        server["image_size"], server["slices"], server["batch_size"], server["seed"], out, split=client["split"],
+        adversary={k: client[k] for k in ("ndf", "n_layers", "lambda_l1", "l1_in_brain")},
+    )
     keys = ("mode", "image_size", "ngf", "n_blocks", "modulate", "source_modality", "batch_size", "lr", "max_shift", "seed")
-    config = resolve_config({**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps}, (), sites)
-    trainer = GeneratorTrainer(config)
-    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
-    timings: dict[str, list[float]] = {}
-    while not trainer.finished:
-        phase = trainer.phase
-        started = time.perf_counter()
-        payloads = coordinator.step_payloads()
-        coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
-        timings.setdefault(phase, []).append(time.perf_counter() - started)
+    _, _, timings = train(workers, {**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps})
     shutil.rmtree(out, ignore_errors=True)
     # The first steps pay one-off costs (allocation, lazy discriminators): skip a few.
     return {phase: (len(t) - 3) / sum(t[3:]) for phase, t in timings.items()}

@@ -242,3 +242,23 @@ def test_asyndgan_mode_has_no_bank(site_slices, tmp_path):
     assert not trainer.modulated
     assert trainer.config.phases == [("asyndgan", TINY["pretrain_steps"] + TINY["bank_steps"])]
     assert set(trainer.synthesize(coordinator.sample_masks())) == set(MODALITIES)
+
+
+def test_pretraining_elsewhere_then_bank_only(site_slices, tmp_path):
+    """A plain generator pretrained without the bank (bank_steps=0) seeds a bank-only run."""
+    workers = make_workers(site_slices, tmp_path)
+    pretrained, _, _ = run_federation(workers, {"bank_steps": 0})
+    assert pretrained.finished and not pretrained.modulated
+    pretrained.save(tmp_path / "pretrained")
+
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
+    trainer = GeneratorTrainer(resolve_config({**TINY, "pretrain_steps": 0}, (), sites))
+    trainer.load_pretrained(tmp_path / "pretrained")
+    assert trainer.phase == "bank" and trainer.modulated
+    masks = StepCoordinator(trainer, sites, np.random.default_rng(0)).sample_masks()
+    # Every fresh bank entry is the pretrained generator.
+    expected = pretrained.synthesize(masks)["t1"]
+    for modality, image in trainer.synthesize(masks).items():
+        assert torch.allclose(image, expected, atol=1e-6), modality
+    with pytest.raises(ValueError, match="differs in"):
+        GeneratorTrainer(resolve_config({**TINY, "ngf": 16}, (), sites)).load_pretrained(tmp_path / "pretrained")

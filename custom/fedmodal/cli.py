@@ -16,6 +16,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "phantoms": ("fedmodal.data.phantoms", "add_arguments", "run", "build a phantom federation of BraTS-named NIfTI"),
     "montage": ("fedmodal.data.montage", "add_arguments", "run", "draw every modality and the seg of one case as PNG"),
     "site-check": ("fedmodal.data.sitecheck", "add_arguments", "run", "report what a site folder would contribute"),
+    "pretrain-generator": (
+        "fedmodal.modalitybank.central",
+        "add_arguments",
+        "run",
+        "pretrain the ModalityBank generator on data the server holds (no federation)",
+    ),
     "synthesize": (
         "fedmodal.modalitybank.synthesis",
         "add_synthesize_arguments",

@@ -60,6 +60,8 @@ class ModalityBankController(Controller):
         checkpoint_every: steps between checkpoints (always at phase ends and at the end).
         preview_count: masks per site in the final real-vs-synthetic grids drawn at the sites.
         resume_from: checkpoint folder of an earlier run to continue from.
+        pretrained_generator: checkpoint folder of a plain generator pretrained elsewhere (e.g.
+            `fedmodal pretrain-generator` on a dataset the server holds); skips pretraining.
         device: "auto", "cpu" or "cuda[:i]".
         num_threads: torch CPU threads at the server (0 keeps torch's default).
         task_check_period: how often the workflow checks for finished tasks (seconds).
@@ -88,6 +90,7 @@ class ModalityBankController(Controller):
         checkpoint_every: int = 200,
         preview_count: int = 4,
         resume_from: str = "",
+        pretrained_generator: str = "",
         device: str = "auto",
         num_threads: int = 0,
         task_check_period: float = 0.01,
@@ -117,6 +120,7 @@ class ModalityBankController(Controller):
         self.checkpoint_every = checkpoint_every
         self.preview_count = preview_count
         self.resume_from = resume_from
+        self.pretrained_generator = pretrained_generator
         self.device_name = device
         self.num_threads = num_threads
         self.out_dir: Path | None = None
@@ -153,6 +157,8 @@ class ModalityBankController(Controller):
             if self.resume_from
             else GeneratorTrainer(config, self.device)
         )
+        if self.pretrained_generator and not self.resume_from:
+            trainer.load_pretrained(self.pretrained_generator)
         coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
         sample_masks = coordinator.sample_masks()
         timings: dict[str, list[float]] = {}

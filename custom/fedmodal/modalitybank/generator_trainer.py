@@ -160,7 +160,13 @@ class GeneratorTrainer:
         return self.config.phase_modalities(self.phase)
 
     def _enter_phase(self) -> None:
-        """Set up the optimizer for the current phase (and freeze G when the bank phase starts)."""
+        """Set up the optimizer for the current phase (and freeze G when the bank phase starts).
+
+        Phases of zero steps are skipped: `bank_steps=0` pretrains only (G stays plain), and
+        `pretrain_steps=0` goes straight to the bank (after `load_pretrained`).
+        """
+        while not self.finished and self.phase_steps == 0:
+            self.progress.phase_index += 1
         if self.finished:
             return
         if self.phase == "bank":
@@ -254,6 +260,25 @@ class GeneratorTrainer:
         )
         (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
         return directory
+
+    def load_pretrained(self, directory: str | os.PathLike) -> None:
+        """Start from a generator pretrained elsewhere (e.g. `fedmodal pretrain-generator` on a
+        dataset at the server) and skip this run's pretraining phase."""
+        directory = Path(directory)
+        saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
+        if saved["modulated"]:
+            raise ValueError(f"{directory} holds a modulated generator; pretraining needs the plain one")
+        shape_fields = ("spatial_dims", "ngf", "n_blocks")
+        differing = [f for f in shape_fields if saved["config"][f] != getattr(self.config, f)]
+        if differing or self.config.mode != "bank":
+            raise ValueError(f"cannot start this run from {directory}: it differs in {differing or ['mode']}")
+        # A fresh plain G takes the weights; entering the bank phase then freezes and modulates it.
+        self.generator = build_generator(self.config)
+        self.generator.load_state_dict(saved["state_dict"])
+        self.generator.to(self.device)
+        self.progress = TrainerProgress(phase_index=1)
+        self._enter_phase()
+        logger.info("pretrained generator loaded from %s; pretraining skipped", directory)
 
     @classmethod
     def resume(cls, directory: str | os.PathLike, config: GeneratorConfig, device="cpu") -> "GeneratorTrainer":
