@@ -1,0 +1,195 @@
+"""Draw one BraTS case as a PNG: every modality side by side, then the segmentation.
+
+The axial slice defaults to the one with the most tumour. A modality the case lacks gets an
+"n/a" panel, so montages of different sites line up column by column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fedmodal import MODALITIES
+from fedmodal.data.layouts import MODALITY_ALIASES
+
+MODALITY_TITLES = {"t1": "T1", "t1ce": "T1c", "t2": "T2", "flair": "FLAIR"}
+# BraTS's usual colours: necrosis red, oedema green, enhancing yellow (resection cavity blue).
+LABEL_COLOURS = {"necrosis": (0.9, 0.1, 0.1), "oedema": (0.1, 0.8, 0.2), "enhancing": (1.0, 0.9, 0.0),
+                 "cavity": (0.2, 0.4, 1.0)}
+_FILE_TOKEN = re.compile(r"[_-]([A-Za-z0-9]+)\.nii(\.gz)?$")
+
+
+def case_files(case_dir) -> tuple[dict[str, Path], Path | None]:
+    """Modality files (canonical name -> path) and the seg file of a BraTS case folder."""
+    images, seg = {}, None
+    for path in sorted(Path(case_dir).iterdir()):
+        match = _FILE_TOKEN.search(path.name)
+        if not match or not path.is_file():
+            continue
+        token = match.group(1).lower()
+        if token == "seg":
+            seg = path
+        elif token in MODALITY_ALIASES:
+            images[MODALITY_ALIASES[token]] = path
+    return images, seg
+
+
+def _load_ras(path: Path):
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    return np.asarray(img.dataobj), img.header.get_zooms()[:3]
+
+
+def _label_names(values: set[int]) -> dict[int, str]:
+    """On-disk label value -> region: ET is 4 in BraTS 2018-2021 and 3 from 2023 (4 = cavity)."""
+    names = {1: "necrosis", 2: "oedema"}
+    if 3 in values:
+        names[3] = "enhancing"
+        names[4] = "cavity"
+    else:
+        names[4] = "enhancing"
+    return names
+
+
+def _window(image: np.ndarray) -> tuple[float, float]:
+    inside = image[image > 0]
+    if inside.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(inside, [0.5, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -> Path:
+    """Write a PNG of every modality of a case (n/a panels for missing ones) and its seg.
+
+    Args:
+        case_dir: a BraTS case folder (any release's naming).
+        out_png: output file.
+        slice_index: axial slice (along the superior axis after reorientation to RAS);
+            default: the slice with the most tumour, else the middle one.
+        dpi: resolution of the PNG.
+
+    Returns:
+        the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    case_dir = Path(case_dir)
+    images, seg_path = case_files(case_dir)
+    if not images and seg_path is None:
+        raise FileNotFoundError(f"no BraTS NIfTI files (*_t1/_t1ce/_t2/_flair/_seg.nii[.gz]) in {case_dir}")
+    volumes, zooms = {}, None
+    for m in MODALITIES:
+        if m in images:
+            volumes[m], zooms = _load_ras(images[m])
+    seg = None
+    if seg_path is not None:
+        seg, seg_zooms = _load_ras(seg_path)
+        seg = seg.astype(np.int16)
+        zooms = zooms or seg_zooms
+    shape = (seg if seg is not None else next(iter(volumes.values()))).shape
+    if slice_index is None:
+        if seg is not None and (seg > 0).any():
+            slice_index = int(np.argmax((seg > 0).sum(axis=(0, 1))))
+        else:
+            slice_index = shape[2] // 2
+    if not 0 <= slice_index < shape[2]:
+        raise ValueError(f"slice {slice_index} is outside 0..{shape[2] - 1}")
+
+    # Crop every panel to the brain's bounding box in the axial plane.
+    occupied = np.zeros(shape[:2], dtype=bool)
+    for volume in list(volumes.values()) + ([seg] if seg is not None else []):
+        occupied |= (volume != 0).any(axis=2)
+    if occupied.any():
+        (x0, y0), (x1, y1) = np.argwhere(occupied).min(0), np.argwhere(occupied).max(0) + 1
+        pad = max(2, (x1 - x0) // 20)
+        box = (slice(max(x0 - pad, 0), x1 + pad), slice(max(y0 - pad, 0), y1 + pad))
+    else:
+        box = (slice(None), slice(None))
+    volumes = {m: v[box] for m, v in volumes.items()}
+    seg = seg[box] if seg is not None else None
+    plane_shape = (seg if seg is not None else next(iter(volumes.values()))).shape[:2]
+
+    aspect = float(zooms[1]) / float(zooms[0])  # rows run along y, columns along x
+    n_panels = len(MODALITIES) + 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(2.6 * n_panels, 2.6 * plane_shape[1] / plane_shape[0] * aspect + 0.7))
+    fig.patch.set_facecolor("black")
+
+    def display(plane: np.ndarray) -> np.ndarray:
+        # plane is (x, y) in RAS. Rows become y (anterior at the top), columns -x: the patient's
+        # right on the viewer's left, the radiological convention.
+        return np.swapaxes(plane[::-1], 0, 1)
+
+    def show(ax, plane, title, **kw):
+        ax.imshow(display(plane), origin="lower", aspect=aspect, interpolation="antialiased", **kw)
+        ax.set_title(title, color="white", fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_facecolor("black")
+
+    for ax, m in zip(axes, MODALITIES):
+        if m in volumes:
+            lo, hi = _window(volumes[m])
+            show(ax, volumes[m][:, :, slice_index], MODALITY_TITLES[m], cmap="gray", vmin=lo, vmax=hi)
+        else:
+            show(ax, np.zeros(plane_shape), f"{MODALITY_TITLES[m]} (missing)", cmap="gray", vmin=0, vmax=1)
+            ax.text(0.5, 0.5, "n/a", color="0.6", fontsize=22, ha="center", va="center", transform=ax.transAxes)
+    axes[0].text(0.02, 0.98, "R", color="0.8", fontsize=8, ha="left", va="top", transform=axes[0].transAxes)
+    axes[0].text(0.98, 0.98, "L", color="0.8", fontsize=8, ha="right", va="top", transform=axes[0].transAxes)
+
+    ax = axes[-1]
+    background = next((volumes[m] for m in ("t1ce", "t1", "flair", "t2") if m in volumes), None)
+    if background is not None:
+        lo, hi = _window(background)
+        show(ax, background[:, :, slice_index], "seg", cmap="gray", vmin=lo, vmax=hi)
+    else:
+        show(ax, np.zeros(plane_shape), "seg", cmap="gray", vmin=0, vmax=1)
+    handles = []
+    if seg is not None:
+        plane = seg[:, :, slice_index]
+        names = _label_names(set(np.unique(seg).tolist()))
+        overlay = np.zeros(plane.shape + (4,))
+        for value, name in names.items():
+            hit = plane == value
+            overlay[hit, :3] = LABEL_COLOURS[name]
+            overlay[hit, 3] = 0.55
+            if (seg == value).any():
+                handles.append(Patch(color=LABEL_COLOURS[name], label=name))
+        ax.imshow(display(overlay), origin="lower", aspect=aspect, interpolation="nearest")
+        if handles:
+            ax.legend(handles=handles, loc="lower center", fontsize=7, framealpha=0.6, ncol=len(handles),
+                      handlelength=1.0, columnspacing=0.6, borderpad=0.3, bbox_to_anchor=(0.5, -0.02))
+    else:
+        ax.text(0.5, 0.5, "no seg", color="0.6", fontsize=14, ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{case_dir.name}   axial slice {slice_index}/{shape[2] - 1}   "
+                 f"{zooms[0]:g}x{zooms[1]:g}x{zooms[2]:g} mm", color="white", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93), w_pad=0.3)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi, facecolor=fig.get_facecolor())
+    plt.close(fig)
+    return out_png
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fedmodal montage``."""
+    parser.add_argument("case_dir", help="a BraTS case folder")
+    parser.add_argument("-o", "--out", default=None, help="PNG to write (default: <case id>.png here)")
+    parser.add_argument("--slice", type=int, default=None, dest="slice_index",
+                        help="axial slice index (default: the slice with the most tumour)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the montage and print where."""
+    out = args.out or f"{Path(args.case_dir).name}.png"
+    path = montage(args.case_dir, out, args.slice_index)
+    print(f"wrote {path}")
+    return 0
