@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nvflare.apis.client import Client
-from nvflare.apis.controller_spec import Task, TaskCompletionStatus
+from nvflare.apis.controller_spec import ClientTask, Task
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
@@ -93,7 +94,7 @@ class ModalityBankController(Controller):
         pretrained_generator: str = "",
         device: str = "auto",
         num_threads: int = 0,
-        task_check_period: float = 0.01,
+        task_check_period: float = 0.05,
     ):
         super().__init__(task_check_period=task_check_period)
         self.requested_targets = tuple(target_modalities or ())
@@ -232,34 +233,47 @@ class ModalityBankController(Controller):
         return sites
 
     def _exchange(self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext):
-        """Send each site its own payload at once, wait for all replies (site -> reply data)."""
-        tasks = {}
+        """Send each site its own payload at once, wait for all replies (site -> reply data).
+
+        Results are collected by the task's callback, which wakes this thread when the last one
+        arrives: no polling between the server's compute and the next exchange.
+        """
+        replies: dict[str, Shareable] = {}
+        all_in = threading.Event()
+        lock = threading.Lock()
+
+        def received(client_task: ClientTask, fl_ctx: FLContext) -> None:
+            with lock:
+                replies[client_task.client.name] = client_task.result
+                if len(replies) == len(payloads):
+                    all_in.set()
+
         for name, payload in payloads.items():
             data = DXO(DataKind.COLLECTION, payload).to_shareable()
-            tasks[name] = Task(name=task_name, data=data, timeout=int(self.step_timeout))
-            self.send(tasks[name], fl_ctx, targets=[name])
+            task = Task(name=task_name, data=data, timeout=int(self.step_timeout), result_received_cb=received)
+            self.send(task, fl_ctx, targets=[name])
         deadline = time.monotonic() + self.step_timeout
-        while any(t.completion_status is None for t in tasks.values()):
+        while not all_in.wait(timeout=0.5):
             if abort_signal.triggered:
                 return None
             if time.monotonic() > deadline:
-                late = sorted(n for n, t in tasks.items() if t.completion_status is None)
+                with lock:
+                    late = sorted(set(payloads) - set(replies))
                 self.system_panic(
                     f"sites {late} sent no {task_name} result within {self.step_timeout}s. In the simulator, run "
                     f"with as many threads as sites (-t), so every site takes part in each synchronous step",
                     fl_ctx,
                 )
                 return None
-            time.sleep(0.002)
-        replies = {}
-        for name, task in sorted(tasks.items()):
-            result = task.client_tasks[0].result if task.client_tasks else None
+        out = {}
+        for name in sorted(replies):
+            result = replies[name]
             code = None if result is None else result.get_return_code()
-            if task.completion_status != TaskCompletionStatus.OK or code != ReturnCode.OK:
-                self.system_panic(f"site {name} failed {task_name} ({task.completion_status}, {code}); see its log", fl_ctx)
+            if code != ReturnCode.OK:
+                self.system_panic(f"site {name} failed {task_name} (return code {code}); see its log", fl_ctx)
                 return None
-            replies[name] = from_shareable(result).data
-        return replies
+            out[name] = from_shareable(result).data
+        return out
 
     # ------------------------------------------------------------------ outputs
     def _record_losses(self, losses: dict, global_step: int) -> None:
