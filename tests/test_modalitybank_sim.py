@@ -15,6 +15,8 @@ from fedmodal.data.phantoms import build_federation
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "modalitybank"
+# The allow-list a simulator workspace needs for fedmodal's classes, as the README's command uses it.
+SIMULATOR_LOCAL = REPO / "simulator_workspace" / "local"
 NVFLARE = Path(sys.executable).with_name("nvflare")
 
 pytestmark = pytest.mark.integration
@@ -51,6 +53,7 @@ def simulated_run(tmp_path_factory):
     # site-2's IT keeps its masks at home: the site file overrides the job.
     (data / "site-2" / "fedmodal_site.json").write_text(json.dumps({"share_masks": False}))
     workspace = tmp_path / "ws"
+    shutil.copytree(SIMULATOR_LOCAL, workspace / "local")
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(NVFLARE), "simulator", str(tiny_job(tmp_path)), "-w", str(workspace), "-n", "3", "-t", "3"],

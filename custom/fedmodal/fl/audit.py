@@ -17,7 +17,7 @@ from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 AUDIT_FILE = "payload_audit.jsonl"
 
@@ -65,7 +65,7 @@ class PayloadAuditFilter(Filter):
             items = dxo.data if isinstance(dxo.data, dict) else {"data": dxo.data}
             meta = {"data_kind": str(dxo.data_kind)}
         except ValueError:  # not a DXO: record the shareable's own items
-            items = {k: v for k, v in shareable.items() if k != ReservedKey.HEADERS}
+            items = {k: v for k, v in shareable.items() if k != ReservedHeaderKey.HEADERS}
             meta = {"data_kind": None}
         record = {
             "time": time.time(),

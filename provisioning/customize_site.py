@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Write fedmodal's site-local files into provisioned NVFlare kits (or a simulator workspace).
+
+    nvflare provision -p provisioning/project.yml -w WORKSPACE
+    python provisioning/customize_site.py WORKSPACE/fedmodal            # latest prod_NN
+    python provisioning/customize_site.py --simulator SIM_WORKSPACE     # for `nvflare simulator -w`
+
+Into each kit's `local/` folder, NVFlare's place for site-local settings (`startup/` is left as
+provisioned):
+- server and sites: `resources.json` = the provisioned `resources.json.default` with the prefix
+  `fedmodal.` (and the few NVFlare classes fedmodal jobs use beyond NVFlare's default list) added
+  to `class_allow_list`, so jobs name fedmodal classes without shipping code;
+  `authorization.json` from `provisioning/local/` (nobody may ship code: "byoc" is refused);
+- sites: `privacy.json` from `provisioning/local/` (scopes whose filters run on everything
+  that enters or leaves the site);
+- server: job and snapshot storage moved under `--server-storage` when given.
+Only the standard library is used, so it runs wherever `nvflare provision` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+POLICY_DIR = HERE / "local"
+FEDMODAL_PREFIX = "fedmodal."
+# NVFlare classes that fedmodal jobs name but NVFlare's default allow-list lacks.
+NVFLARE_EXTRAS = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",)
+
+
+def latest_prod_dir(path: Path) -> Path:
+    """`path` itself if it holds kits, else its newest `prod_NN` folder."""
+    if any((p / "startup").is_dir() for p in path.iterdir() if p.is_dir()):
+        return path
+    prods = sorted((p for p in path.glob("prod_*") if p.is_dir()), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    if not prods:
+        raise SystemExit(f"{path}: no kits and no prod_NN folder (run `nvflare provision` first)")
+    return prods[-1]
+
+
+def kit_kind(kit: Path) -> str | None:
+    startup = kit / "startup"
+    for kind, marker in (("server", "fed_server.json"), ("client", "fed_client.json"), ("admin", "fed_admin.json")):
+        if (startup / marker).is_file():
+            return kind
+    return None
+
+
+def with_allow_list(resources: dict, prefixes: list[str]) -> dict:
+    """The resources with `prefixes` appended to `class_allow_list` (NVFlare's default list if absent)."""
+    if "class_allow_list" not in resources:
+        from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+        resources["class_allow_list"] = list(DEFAULT_CLASS_ALLOW_LIST)
+    allow = resources["class_allow_list"]
+    for prefix in prefixes:
+        if prefix not in allow:
+            allow.append(prefix)
+    resources["class_list_enforcement_mode"] = "enforce"
+    return resources
+
+
+def set_server_storage(resources: dict, storage: Path) -> dict:
+    """Point the job store and the snapshot store under `storage` (NVFlare defaults to /tmp/nvflare)."""
+    storage = storage.expanduser().absolute()
+    for component in resources.get("components", []):
+        if component.get("id") == "job_manager":
+            component.setdefault("args", {})["uri_root"] = str(storage / "jobs-storage")
+    snapshot = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+    if snapshot is not None:
+        snapshot["root_dir"] = str(storage / "snapshot-storage")
+    return resources
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    tmp.replace(path)
+
+
+def customize_kit(kit: Path, kind: str, prefixes: list[str], server_storage: Path | None) -> list[str]:
+    """Write the site-local files of one server or client kit; returns the files written."""
+    local = kit / "local"
+    default = local / "resources.json.default"
+    resources = read_json(default) if default.is_file() else {"format_version": 2}
+    resources = with_allow_list(resources, prefixes)
+    if kind == "server" and server_storage is not None:
+        resources = set_server_storage(resources, server_storage)
+    write_json(local / "resources.json", resources)
+    written = ["resources.json"]
+    shutil.copyfile(POLICY_DIR / "authorization.json", local / "authorization.json")
+    written.append("authorization.json")
+    if kind == "client":
+        shutil.copyfile(POLICY_DIR / "privacy.json", local / "privacy.json")
+        written.append("privacy.json")
+    return written
+
+
+def customize_prod(prod: Path, prefixes: list[str], server_storage: Path | None = None) -> dict[str, list[str]]:
+    """Customize every server and client kit under one provisioning output folder."""
+    done = {}
+    for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
+        kind = kit_kind(kit)
+        if kind in ("server", "client"):
+            done[kit.name] = customize_kit(kit, kind, prefixes, server_storage)
+    if not done:
+        raise SystemExit(f"{prod}: no server or client kit found")
+    return done
+
+
+def customize_simulator(workspace: Path, prefixes: list[str]) -> Path:
+    """`<workspace>/local/resources.json` with the allow-list: `nvflare simulator -w <workspace>`
+    copies `<workspace>/local/` into every simulated site and keeps it between runs."""
+    path = workspace / "local" / "resources.json"
+    resources = read_json(path) if path.is_file() else {"format_version": 2}
+    write_json(path, with_allow_list(resources, prefixes))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="provisioning output (WORKSPACE/<project> or a prod_NN folder)")
+    parser.add_argument("--simulator", action="store_true", help="PATH is an `nvflare simulator` workspace instead")
+    parser.add_argument(
+        "--allow", action="append", default=[], metavar="PREFIX", help="another class prefix to allow (repeatable)"
+    )
+    parser.add_argument("--server-storage", type=Path, help="absolute folder for the server's job and snapshot store")
+    args = parser.parse_args(argv)
+    prefixes = [FEDMODAL_PREFIX, *NVFLARE_EXTRAS, *args.allow]
+    if args.simulator:
+        print(f"wrote {customize_simulator(args.path, prefixes)}")
+        return 0
+    prod = latest_prod_dir(args.path)
+    for kit, files in customize_prod(prod, prefixes, args.server_storage).items():
+        print(f"{prod / kit}/local: {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

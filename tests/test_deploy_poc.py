@@ -1,0 +1,347 @@
+"""A provisioned federation on localhost: real server and three hospital processes over mutual TLS.
+
+Provisions `provisioning/project.yml` (server renamed `localhost`, free port) into a temporary
+folder with HOME there too, writes the site-local policies with `provisioning/customize_site.py`,
+starts the server and hospital-1..3 as real processes (each with its own FEDMODAL_DATA_ROOT),
+and as the project admin submits `jobs/site-inventory` through the FLARE API, waits, downloads
+the result and checks `inventory.json`. Also: a client holding a certificate from another
+provisioning is refused; a member or an org admin cannot submit, a lead cannot download another's
+job, and nobody can ship code (BYOC) to the sites.
+Every process started here is stopped by its process group at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nvflare.apis.job_def import RunStatus
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_YML = REPO / "provisioning" / "project.yml"
+CUSTOMIZE = REPO / "provisioning" / "customize_site.py"
+JOB = REPO / "jobs" / "site-inventory"
+BIN = Path(sys.executable).parent
+SITES = ("hospital-1", "hospital-2", "hospital-3")
+PROJECT_ADMIN = "admin@fedmodal.example.org"
+LEAD_2 = "lead@hospital-2.example.org"
+MEMBER = "dpo@hospital-3.example.org"
+ORG_ADMIN_1 = "it@hospital-1.example.org"
+START_TIMEOUT = 90
+JOB_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def build_data(root: Path) -> Path:
+    """Three sites of two tiny BraTS 2021 phantom cases each (site-N lacks one modality)."""
+    from fedmodal.data.phantoms import build_federation
+
+    return Path(build_federation(root, preset="modalitybank-missing", shape=(32, 32, 20), cases_per_site=2))
+
+
+def localize_project(text: str, port: int) -> str:
+    """project.yml for this machine: server `localhost` on `port`."""
+    text = text.replace("fedmodal-server.example.org", "localhost")
+    return re.sub(r"fed_learn_port: \d+", f"fed_learn_port: {port}", text)
+
+
+def provision(project_text: str, workspace: Path, env: dict) -> Path:
+    workspace.mkdir(parents=True, exist_ok=True)
+    project = workspace / "project.yml"
+    project.write_text(project_text)
+    subprocess.run(
+        [str(BIN / "nvflare"), "provision", "-p", str(project), "-w", str(workspace)],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    prods = sorted(workspace.glob("*/prod_*"))
+    assert prods, f"nothing provisioned under {workspace}"
+    return prods[-1]
+
+
+class Processes:
+    """Processes this test started, each the leader of its own process group."""
+
+    def __init__(self):
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, kit: Path, env: dict, log: Path) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
+                cwd=kit, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # anything left in the group once its leader is gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def _stop_group(pgid: int, timeout: float) -> None:
+    """Stop a process group whose leader is not our child (so it cannot linger as our zombie)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def stop_job_processes(kits: list[Path]) -> None:
+    """Job processes run in their own sessions (NVFlare starts them with setsid): stop any left."""
+    for kit in kits:
+        log = kit / "log.txt"
+        if not log.is_file():
+            continue
+        for pid in set(re.findall(r"Launch the job in process ID: (\d+)", log.read_text(errors="replace"))):
+            cmdline = Path(f"/proc/{pid}/cmdline")
+            try:
+                if str(kit) in cmdline.read_bytes().decode(errors="replace").replace("\0", " "):
+                    _stop_group(int(pid), 5.0)
+            except OSError:
+                continue
+
+
+def job_copy(dest: Path) -> str:
+    """A copy of the job to submit: the FLARE API signs the folder it submits in place."""
+    folder = dest / JOB.name
+    shutil.copytree(JOB, folder)
+    return str(folder)
+
+
+def session(user: str, prod: Path, timeout: float = 20.0):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    return new_secure_session(user, str(prod / user), timeout=timeout)
+
+
+def connected_sites(sess) -> list[str]:
+    return sorted(c.name for c in sess.get_system_info().client_info)
+
+
+def wait_for_sites(sess, sites, timeout: float) -> list[str]:
+    deadline = time.time() + timeout
+    while True:
+        names = connected_sites(sess)
+        if set(sites) <= set(names) or time.time() > deadline:
+            return names
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    home = root / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("FEDMODAL_DATA_ROOT", None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))  # the FLARE API in this process, too
+        yield from _run_federation(root, env)
+
+
+def _run_federation(root: Path, env: dict):
+    data = build_data(root / "data")
+    port = free_port()
+    prod = provision(localize_project(PROJECT_YML.read_text(), port), root / "provision", env)
+    subprocess.run(
+        [sys.executable, str(CUSTOMIZE), str(prod), "--server-storage", str(root / "server-storage")],
+        env=env, check=True, capture_output=True, timeout=60,
+    )
+    procs = Processes()
+    logs = root / "logs"
+    logs.mkdir()
+    fed = {"root": root, "prod": prod, "env": env, "port": port, "procs": procs, "logs": logs, "data": data}
+    try:
+        t0 = time.time()
+        procs.start("server", prod / "localhost", env, logs / "server.out")
+        for i, site in enumerate(SITES, start=1):
+            site_env = dict(env, FEDMODAL_DATA_ROOT=str(data / f"site-{i}"))
+            procs.start(site, prod / site, site_env, logs / f"{site}.out")
+        sess = None
+        while sess is None:
+            try:
+                sess = session(PROJECT_ADMIN, prod, timeout=5.0)
+            except Exception:
+                if time.time() - t0 > START_TIMEOUT:
+                    raise
+                time.sleep(0.5)
+        names = wait_for_sites(sess, SITES, START_TIMEOUT - (time.time() - t0))
+        fed["startup_seconds"] = time.time() - t0
+        assert set(SITES) <= set(names), f"connected after {START_TIMEOUT}s: {names}; logs in {logs}"
+        fed["admin"] = sess
+        yield fed
+        sess.close()
+    finally:
+        procs.stop_all()
+        stop_job_processes([prod / "localhost", *(prod / s for s in SITES)])
+        print(
+            f"\nfedmodal POC: start-up {fed.get('startup_seconds', float('nan')):.1f} s, "
+            f"submit-to-finish {fed.get('job_seconds', float('nan')):.1f} s (logs: {logs})"
+        )
+
+
+def test_inventory_job_through_flare_api(federation, tmp_path):
+    sess, prod = federation["admin"], federation["prod"]
+    t0 = time.time()
+    job_id = federation["job_id"] = sess.submit_job(job_copy(tmp_path / "submit"))
+    meta = sess.wait_for_job(job_id, timeout=JOB_TIMEOUT, poll_interval=1.0)
+    federation["job_seconds"] = time.time() - t0
+    assert meta["status"] == RunStatus.FINISHED_COMPLETED.value, meta
+    result = Path(sess.download_job_result(job_id, destination=str(tmp_path)))
+    found = sorted(result.rglob("inventory.json"))
+    assert found, f"no inventory.json in {result}"
+    inventory = json.loads(found[0].read_text())
+    summaries = inventory["sites"]
+    assert [s["site"] for s in summaries] == list(SITES)
+    assert inventory["failed_sites"] == {}
+    phantoms = json.loads((federation["data"] / "federation.json").read_text())["sites"]
+    for i, s in enumerate(summaries, start=1):
+        assert s["n_cases"] == 2 and s["data_source"] == "site data root"
+        assert s["modalities"] == phantoms[f"site-{i}"]["modalities"]
+        assert "root" not in s  # the local path stays at the site
+    # Each hospital's privacy scope (local/privacy.json) audited what left it: only the summary.
+    for site in SITES:
+        audit = prod / site / job_id / "payload_audit.jsonl"
+        assert audit.is_file(), f"{site}: privacy filter did not run"
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        out = [r for r in records if r["direction"] == "out"]
+        assert out and all(set(r["items"]) == {"summary"} for r in out)
+
+
+def test_roles_without_the_right_are_refused(federation, tmp_path):
+    """authorization.json: a member only views, an org admin does not submit, a lead of another
+    org cannot download someone else's job."""
+    from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+    prod = federation["prod"]
+    for user in (MEMBER, ORG_ADMIN_1):
+        sess = session(user, prod)
+        try:
+            assert connected_sites(sess)  # may view ...
+            with pytest.raises(AuthorizationError):
+                sess.submit_job(job_copy(tmp_path / user))  # ... but not submit
+        finally:
+            sess.close()
+    job_id = federation.get("job_id")
+    if job_id:
+        sess = session(LEAD_2, prod)
+        try:
+            with pytest.raises(AuthorizationError):
+                sess.download_job_result(job_id)
+        finally:
+            sess.close()
+
+
+def test_lead_cannot_ship_code(federation, tmp_path):
+    """A job with a custom/ folder is BYOC; every site's authorization.json refuses it."""
+    byoc_job = Path(job_copy(tmp_path))
+    (byoc_job / "app" / "custom").mkdir()
+    (byoc_job / "app" / "custom" / "note.txt").write_text("shipped code is refused at the sites\n")
+    sess = session(LEAD_2, federation["prod"])
+    try:
+        job_id = sess.submit_job(str(byoc_job))  # accepted by the server's submit_job right ...
+        meta = sess.wait_for_job(job_id, timeout=JOB_TIMEOUT, poll_interval=1.0)
+        assert meta["status"] != RunStatus.FINISHED_COMPLETED.value, meta  # ... but never deployed
+    finally:
+        sess.close()
+    server_log = (federation["prod"] / "localhost" / "log.txt").read_text(errors="replace")
+    assert "BYOC not permitted" in server_log
+
+
+FOREIGN_PROJECT = """api_version: 3
+name: fedmodal
+participants:
+  - {{name: localhost, type: server, org: elsewhere, fed_learn_port: {port}}}
+  - {{name: hospital-9, type: client, org: elsewhere}}
+builders:
+  - path: nvflare.lighter.impl.workspace.WorkspaceBuilder
+  - path: nvflare.lighter.impl.static_file.StaticFileBuilder
+  - path: nvflare.lighter.impl.cert.CertBuilder
+  - path: nvflare.lighter.impl.signature.SignatureBuilder
+"""
+
+
+def tls_probe(port: int, ca: Path, kit: Path) -> str:
+    """Open a TLS connection presenting `kit`'s client certificate: "open" if the server keeps it."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    context.load_cert_chain(str(kit / "startup" / "client.crt"), str(kit / "startup" / "client.key"))
+    with socket.create_connection(("localhost", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.settimeout(3)
+            try:
+                return f"closed {conn.recv(1)!r}"  # TLS 1.3: the server checks our certificate now
+            except socket.timeout:
+                return "open"
+            except (ssl.SSLError, OSError) as error:
+                return f"closed ({error})"
+
+
+def test_client_from_another_provisioning_is_refused(federation):
+    """Same project and site-style name, certificates from another root CA: never joins."""
+    root, env, procs, prod, port = (federation[k] for k in ("root", "env", "procs", "prod", "port"))
+    foreign = provision(FOREIGN_PROJECT.format(port=port), root / "foreign", env)
+    intruder = foreign / "hospital-9"
+    procs.start("intruder", intruder, env, federation["logs"] / "intruder.out")
+    log = intruder / "log.txt"
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and "CERTIFICATE_VERIFY_FAILED" not in (
+            log.read_text(errors="replace") if log.is_file() else ""
+        ):
+            time.sleep(0.5)
+        assert "CERTIFICATE_VERIFY_FAILED" in log.read_text(errors="replace")  # it does not trust our server
+        assert "Successfully registered" not in log.read_text(errors="replace")
+        names = connected_sites(federation["admin"])
+        assert "hospital-9" not in names and set(SITES) <= set(names)
+    finally:
+        procs.stop("intruder")
+    # ... and our server does not trust it: it drops a connection presenting the foreign
+    # certificate even when the caller trusts our root CA, and keeps one from hospital-1.
+    ca = prod / "hospital-1" / "startup" / "rootCA.pem"
+    assert tls_probe(port, ca, prod / "hospital-1") == "open"
+    assert tls_probe(port, ca, intruder).startswith("closed")
