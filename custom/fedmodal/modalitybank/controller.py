@@ -29,7 +29,7 @@ from fedmodal.fl.site import select_device
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
 from fedmodal.modalitybank.generator_trainer import GeneratorConfig, GeneratorTrainer
-from fedmodal.modalitybank.grids import grid_array, save_grid
+from fedmodal.modalitybank.grids import grid_array, mask_picture, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class ModalityBankController(Controller):
     def _save_samples(self, trainer: GeneratorTrainer, masks: torch.Tensor, global_step: int) -> None:
         fakes = trainer.synthesize(masks)
         titles = ["mask"] + [f"synthetic {m}" for m in fakes]
-        rows = [[masks[i, 0].numpy()] + [fakes[m][i, 0].numpy() for m in fakes] for i in range(masks.shape[0])]
+        rows = [[mask_picture(masks[i])] + [fakes[m][i, 0].numpy() for m in fakes] for i in range(masks.shape[0])]
         path = save_grid(rows, titles, self.out_dir / "samples" / f"step_{global_step:06d}.png", f"step {global_step}")
         self.writer.add_image("samples", grid_array(path), global_step, dataformats="HWC")
 

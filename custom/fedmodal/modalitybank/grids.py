@@ -55,6 +55,12 @@ def save_grid(rows: list[list[np.ndarray | None]], column_titles: list[str], pat
     return path
 
 
+def mask_picture(cond) -> np.ndarray:
+    """A conditioning map (2, *spatial) as one picture: labels in grey, the brain contour white."""
+    cond = np.asarray(cond, dtype=np.float32)
+    return np.where(cond[1] > 0, 1.0, cond[0])
+
+
 def grid_array(path: str | Path) -> np.ndarray:
     """The PNG as an (H, W, 3) uint8 array, for TensorBoard."""
     from PIL import Image

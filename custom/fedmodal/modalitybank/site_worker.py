@@ -14,7 +14,7 @@ import torch
 
 from fedmodal import MODALITIES
 from fedmodal.modalitybank import protocol as P
-from fedmodal.modalitybank.grids import save_grid
+from fedmodal.modalitybank.grids import mask_picture, save_grid
 from fedmodal.modalitybank.site_trainer import AdversaryConfig, SiteAdversary
 
 
@@ -124,7 +124,7 @@ class SiteWorker:
             titles += [f"synthetic {m}", f"real {m}"]
         rows = []
         for i, sample in enumerate(index.tolist()):
-            row = [self.cond[sample, 0].numpy()]
+            row = [mask_picture(self.cond[sample])]
             for m in modalities:
                 row.append(fakes[m][i, 0].numpy() if m in fakes else None)
                 row.append(self.images[sample, MODALITIES.index(m)].numpy() if m in self.modalities else None)
