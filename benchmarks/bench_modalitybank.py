@@ -34,9 +34,11 @@ def job_args() -> tuple[dict, dict]:
     return server, client
 
 
-def central(steps: int, data_root: Path) -> dict:
+def central(steps: int, data_root: Path, threads: int) -> dict:
     """Steps per second per phase with every site's worker in this process."""
     from fedmodal.modalitybank.central import build_workers, train
+
+    torch.set_num_threads(threads)
 
     server, client = job_args()
     out = Path(tempfile.mkdtemp(prefix="mb-central-"))
@@ -62,6 +64,7 @@ def federated(steps: int, data_root: Path, task_request_interval: float) -> dict
     config["server"]["task_request_interval"] = task_request_interval
     config["workflows"][0]["args"].update(pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10)
     server_file.write_text(json.dumps(config))
+    shutil.copytree(REPO / "simulator_workspace" / "local", work / "ws" / "local")  # the allow-list
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
     nvflare = Path(sys.executable).with_name("nvflare")
     started = time.perf_counter()
@@ -100,6 +103,7 @@ def bank_sizes() -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="steps per phase")
+    parser.add_argument("--central-threads", type=int, nargs="+", default=[1, 2], help="torch threads, central run")
     parser.add_argument("--intervals", type=float, nargs="+", default=[0.05, 2.0], help="task_request_interval values")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modalitybank.json"))
     args = parser.parse_args()
@@ -108,15 +112,18 @@ def main() -> int:
 
     data_root = ensure_federation()
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "steps_per_phase": args.steps}
-    results["central_steps_per_second"] = central(args.steps, data_root)
+    results["central_steps_per_second"] = {str(t): central(args.steps, data_root, t) for t in args.central_threads}
     results["federated"] = {str(i): federated(args.steps, data_root, i) for i in args.intervals}
     results["bank"] = bank_sizes()
 
     print(f"\nModalityBank, {args.steps} steps per phase, default job configuration, {os.cpu_count()} CPUs\n")
     print("| run | pretrain steps/s | bank steps/s | ratio to central (pretrain, bank) |")
     print("|---|---|---|---|")
-    c = results["central_steps_per_second"]
-    print(f"| central, one process | {c['pretrain']:.3f} | {c['bank']:.3f} | 1, 1 |")
+    by_threads = results["central_steps_per_second"]
+    for threads, rates in by_threads.items():
+        print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | |")
+    # The ratio is against the faster central configuration.
+    c = {phase: max(rates[phase] for rates in by_threads.values()) for phase in ("pretrain", "bank")}
     for interval, fed in results["federated"].items():
         f = fed["steps_per_second"]
         print(

@@ -1,0 +1,200 @@
+"""FedAvg in NVFlare's simulator against the same local work without federation, side by side.
+
+Per round a FedAvg site receives the global model, validates it, trains `local_epochs`,
+validates again and sends its weights. The benchmark times:
+
+1. `nvflare simulator` on `jobs/fedavg` (cross-site evaluation removed), one client per
+   thread: seconds per round from the server log (round 0, which includes each site's data
+   loading, is left out);
+2. the same per-round site work with no federation: one process per site, all at once (as the
+   simulator runs them), each doing load weights -> validate -> train -> validate per round;
+3. the same work one site after the other in a single process (the total CPU work).
+
+The overhead ratio is (1) / (2): what NVFlare's task exchange, serialisation, aggregation and
+polling add to a round. The machine load average is printed, because the machine may be shared.
+
+    python benchmarks/bench_fedavg.py --rounds 4 --local-epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "fedavg"
+TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def client_args() -> dict:
+    """The executor args of jobs/fedavg (so the local runs do exactly the job's work)."""
+    client = json.loads((JOB / "app" / "config" / "config_fed_client.json").read_text())
+    return client["executors"][0]["executor"]["args"]
+
+
+# ----------------------------------------------------------------------------- no federation
+
+
+def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threads: int) -> dict:
+    """One site's FedAvg work without NVFlare: per round validate, train, validate (weights stay local)."""
+    import torch
+
+    from fedmodal.baselines.config import SegConfig
+    from fedmodal.baselines.data import load_site, load_volumes, train_loader
+    from fedmodal.baselines.trainer import SegTrainer, flat_metrics
+    from fedmodal.fl.site import site_seed
+
+    torch.set_num_threads(num_threads)
+    args = client_args()
+    cfg = SegConfig.from_net_args(args["net"], batch_size=args["batch_size"], samples_per_case=args["samples_per_case"], lr=args["lr"], loss=args["loss"])
+    setup = time.time()
+    data = load_site(root / site, site=site)
+    seed = site_seed(args["seed"], site)
+    loader = train_loader(data.cases("train"), cfg, seed)
+    volumes = load_volumes(data.cases("val") or data.cases("train")[:2])
+    trainer = SegTrainer(cfg, seed=seed)
+    setup = time.time() - setup
+    times = []
+    for _ in range(rounds):
+        start = time.time()
+        trainer.load_weights(trainer.state_numpy())  # what receiving the global model costs locally
+        flat_metrics(trainer.score(volumes))
+        trainer.train_epochs(loader, local_epochs)
+        flat_metrics(trainer.score(volumes))
+        times.append(time.time() - start)
+    return {"site": site, "setup_s": setup, "round_s": times}
+
+
+def run_local(sites: list[str], root: Path, rounds: int, local_epochs: int, parallel: bool) -> dict:
+    """Time the sites' local work: all sites at once (one process each) or one after the other."""
+    command = [sys.executable, __file__, "--worker", "", "--root", str(root), "--rounds", str(rounds), "--local-epochs", str(local_epochs)]
+    start = time.time()
+    if parallel:
+        procs = []
+        for site in sites:
+            cmd = list(command)
+            cmd[3] = site
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        outputs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    else:
+        outputs = [site_worker(site, root, rounds, local_epochs, 1) for site in sites]
+    wall = time.time() - start
+    # Rounds after the first, as for the simulator (the first also pays warm-up).
+    if parallel:
+        per_round = [max(o["round_s"][r] for o in outputs) for r in range(1, rounds)]
+    else:
+        per_round = [sum(o["round_s"][r] for o in outputs) for r in range(1, rounds)]
+    return {"wall_s": wall, "round_s": sum(per_round) / len(per_round), "sites": outputs}
+
+
+# ----------------------------------------------------------------------------- simulator
+
+
+def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, work: Path) -> dict:
+    """Run jobs/fedavg (no cross-site evaluation) in the simulator; seconds per round from the server log."""
+    job = work / "fedavg"
+    shutil.copytree(JOB, job)
+    server_path = job / "app" / "config" / "config_fed_server.json"
+    client_path = job / "app" / "config" / "config_fed_client.json"
+    server, client = json.loads(server_path.read_text()), json.loads(client_path.read_text())
+    server["workflows"] = [w for w in server["workflows"] if w["id"] == "fedavg"]
+    server["workflows"][0]["args"]["num_rounds"] = rounds
+    client["executors"][0]["executor"]["args"]["local_epochs"] = local_epochs
+    server_path.write_text(json.dumps(server, indent=2))
+    client_path.write_text(json.dumps(client, indent=2))
+    env = {**os.environ, "HOME": str(work / "home"), "FEDMODAL_DATA_ROOT": str(root), "OMP_NUM_THREADS": "1"}
+    nvflare = Path(sys.executable).with_name("nvflare")
+    command = [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", str(len(sites)), "-t", str(len(sites))]
+    start = time.time()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    if done.returncode != 0:
+        raise SystemExit(f"simulator failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    marks: dict[str, datetime] = {}
+    last = None
+    for line in (done.stdout + done.stderr).splitlines():
+        found = TIMESTAMP.match(line)
+        if found:
+            last = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        text = line.strip()
+        if last and (re.fullmatch(r"Round \d+ started\.", text) or text == "Finished FedAvg."):
+            marks[text] = last
+    first, end = marks.get("Round 1 started."), marks.get("Finished FedAvg.")
+    if first is None or end is None:
+        raise SystemExit("could not find the round marks in the simulator log")
+    return {"wall_s": wall, "round_s": (end - first).total_seconds() / (rounds - 1)}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=None, help="federation folder (default: $FEDMODAL_DATA_ROOT or the phantoms)")
+    parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds (>= 2; the first is not timed)")
+    parser.add_argument("--local-epochs", type=int, default=None, help="default: the job's")
+    parser.add_argument("--out", default=None, help="also write the table and numbers here (JSON + Markdown)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(site_worker(args.worker, Path(args.root), args.rounds, args.local_epochs, 1)))
+        return 0
+    if args.rounds < 2:
+        raise SystemExit("--rounds must be at least 2")
+    from fedmodal.baselines.local import resolve_root
+
+    root = resolve_root(args.data_root, "modalitybank-missing")
+    epochs = args.local_epochs or int(client_args()["local_epochs"])
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="bench-fedavg-") as work:
+        fed = run_simulator(args.sites, root, args.rounds, epochs, Path(work))
+    parallel = run_local(args.sites, root, args.rounds, epochs, parallel=True)
+    sequential = run_local(args.sites, root, args.rounds, epochs, parallel=False)
+    load_after = load_average()
+
+    rows = [
+        ("no federation, one process per site at once", parallel),
+        ("NVFlare simulator FedAvg (one thread per site)", fed),
+        ("no federation, sites one after another", sequential),
+    ]
+    lines = [
+        f"FedAvg round vs the same local work: {len(args.sites)} sites, {epochs} local epochs per round, "
+        f"{args.rounds - 1} timed rounds; nproc {os.cpu_count()}, load average before {load_before}, after {load_after}",
+        "",
+        "| run | s/round | total wall s | overhead ratio |",
+        "|---|---|---|---|",
+    ]
+    for name, result in rows:
+        lines.append(f"| {name} | {result['round_s']:.2f} | {result['wall_s']:.1f} | {result['round_s'] / parallel['round_s']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_fedavg.md").write_text(table + "\n")
+        (out / "bench_fedavg.json").write_text(json.dumps({"simulator": fed, "parallel": parallel, "sequential": sequential,
+                                                          "load_before": load_before, "load_after": load_after}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
