@@ -57,13 +57,13 @@ class GeneratorConfig:
     spatial_dims: int = 2
     image_size: int = 64
     ngf: int = 32
-    n_blocks: int = 6
+    n_blocks: int = 4
     modulate: str = "resblocks"
     source_modality: str = "t1"
     target_modalities: tuple[str, ...] = MODALITIES
     train_source_bank: bool = False
-    pretrain_steps: int = 300
-    bank_steps: int = 600
+    pretrain_steps: int = 200
+    bank_steps: int = 400
     batch_size: int = 4
     lr: float = 2e-4
     beta1: float = 0.5
