@@ -78,7 +78,7 @@ class ModalityBankController(Controller):
         source_modality: str = "t1",
         target_modalities: list[str] | None = None,
         pretrain_steps: int = 200,
-        bank_steps: int = 400,
+        bank_steps: int = 300,
         batch_size: int = 4,
         lr: float = 2e-4,
         max_shift: int = 4,

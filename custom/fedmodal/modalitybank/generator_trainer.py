@@ -63,7 +63,7 @@ class GeneratorConfig:
     target_modalities: tuple[str, ...] = MODALITIES
     train_source_bank: bool = False
     pretrain_steps: int = 200
-    bank_steps: int = 400
+    bank_steps: int = 300
     batch_size: int = 4
     lr: float = 2e-4
     beta1: float = 0.5
