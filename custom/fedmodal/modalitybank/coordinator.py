@@ -110,9 +110,19 @@ class StepCoordinator:
             augment = P.AugmentParams.draw(self.rng, len(keys), config.spatial_dims, config.max_shift)
             batches[name] = (modalities, keys, P.apply_augment(masks, augment, fill=-1.0), augment)
         members = {m: [n for n, b in batches.items() if m in b[0]] for m in active}
-        fakes = {
-            m: trainer.generate({m: torch.cat([batches[n][2] for n in members[m]])})[m] for m in active if members[m]
-        }
+        if config.mode == "asyndgan":
+            # One pass over every site's masks yields all modalities; each modality keeps the
+            # rows of the sites that hold it (views of the same graph, so backward is one pass too).
+            every = trainer.generate_all(torch.cat([b[2] for b in batches.values()]))
+            rows, start = {}, 0
+            for name, batch in batches.items():
+                rows[name] = slice(start, start + len(batch[1]))
+                start += len(batch[1])
+            fakes = {m: torch.cat([every[m][rows[n]] for n in members[m]]) for m in active if members[m]}
+        else:
+            fakes = {
+                m: trainer.generate({m: torch.cat([batches[n][2] for n in members[m]])})[m] for m in active if members[m]
+            }
         self._plan = _Plan(batches, members, fakes)
         payloads = {}
         for name, (modalities, keys, _, augment) in batches.items():

@@ -207,6 +207,14 @@ class GeneratorTrainer:
         self.generator.train()
         return {m: self._forward(c.to(self.device), m) for m, c in cond_by_modality.items()}
 
+    def generate_all(self, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """AsynDGAN: one forward pass gives every modality's fakes (with graph) for `cond`."""
+        if self.config.mode != "asyndgan":
+            raise RuntimeError("generate_all needs the multi-channel AsynDGAN generator")
+        self.generator.train()
+        out = self.generator(cond.to(self.device))
+        return {m: out[:, i : i + 1] for i, m in enumerate(self.config.target_modalities)}
+
     def apply_gradients(self, fakes: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
         """Backpropagate the sites' d(loss)/d(fake) through G and take one optimizer step."""
         names = [m for m in fakes if m in grads]
