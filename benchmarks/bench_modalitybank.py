@@ -53,7 +53,7 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
     return {phase: (len(t) - 3) / sum(t[3:]) for phase, t in timings.items()}
 
 
-def federated(steps: int, data_root: Path, task_request_interval: float) -> dict:
+def federated(steps: int, data_root: Path, task_request_interval: float, server_threads: int) -> dict:
     """Steps per second per phase and bytes per step per site, from a simulator run."""
     work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
     job = work / "job"
@@ -61,7 +61,9 @@ def federated(steps: int, data_root: Path, task_request_interval: float) -> dict
     server_file = job / "app/config/config_fed_server.json"
     config = json.loads(server_file.read_text())
     config["server"]["task_request_interval"] = task_request_interval
-    config["workflows"][0]["args"].update(pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10)
+    config["workflows"][0]["args"].update(
+        pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10, num_threads=server_threads
+    )
     server_file.write_text(json.dumps(config))
     shutil.copytree(REPO / "simulator_workspace" / "local", work / "ws" / "local")  # the allow-list
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
@@ -103,7 +105,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="steps per phase")
     parser.add_argument("--central-threads", type=int, nargs="+", default=[1, 2], help="torch threads, central run")
-    parser.add_argument("--intervals", type=float, nargs="+", default=[0.05, 2.0], help="task_request_interval values")
+    parser.add_argument(
+        "--federated",
+        nargs="+",
+        default=["0.05:1", "2.0:1", "0.05:2"],
+        metavar="INTERVAL:THREADS",
+        help="simulator runs: server task_request_interval (s) and server torch threads",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modalitybank.json"))
     args = parser.parse_args()
 
@@ -112,7 +120,8 @@ def main() -> int:
     data_root = ensure_federation()
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "steps_per_phase": args.steps}
     results["central_steps_per_second"] = {str(t): central(args.steps, data_root, t) for t in args.central_threads}
-    results["federated"] = {str(i): federated(args.steps, data_root, i) for i in args.intervals}
+    runs = [(float(i), int(t)) for i, t in (spec.split(":") for spec in args.federated)]
+    results["federated"] = {f"{i}:{t}": federated(args.steps, data_root, i, t) for i, t in runs}
     results["bank"] = bank_sizes()
 
     print(f"\nModalityBank, {args.steps} steps per phase, default job configuration, {os.cpu_count()} CPUs\n")
@@ -123,10 +132,12 @@ def main() -> int:
         print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | |")
     # The ratio is against the faster central configuration.
     c = {phase: max(rates[phase] for rates in by_threads.values()) for phase in ("pretrain", "bank")}
-    for interval, fed in results["federated"].items():
+    for spec, fed in results["federated"].items():
+        interval, threads = spec.split(":")
         f = fed["steps_per_second"]
         print(
-            f"| simulator, task_request_interval {interval} s | {f['pretrain']:.3f} | {f['bank']:.3f} | "
+            f"| simulator, task_request_interval {interval} s, server {threads} thread(s) | "
+            f"{f['pretrain']:.3f} | {f['bank']:.3f} | "
             f"{f['pretrain'] / c['pretrain']:.2f}, {f['bank'] / c['bank']:.2f} |"
         )
     fed = next(iter(results["federated"].values()))
