@@ -52,11 +52,15 @@ def make_workers(site_slices, tmp_path, shares=None, adversary=None):
     return workers
 
 
-def run_federation(workers, config_args=None, until_phase_ends=False):
+def start(workers, config_args=None):
+    """Register every worker and set up the server's trainer and coordinator."""
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
-    config = resolve_config({**TINY, **(config_args or {})}, (), sites)
-    trainer = GeneratorTrainer(config)
-    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    trainer = GeneratorTrainer(resolve_config({**TINY, **(config_args or {})}, (), sites))
+    return trainer, StepCoordinator(trainer, sites, np.random.default_rng(0)), sites
+
+
+def run_federation(workers, config_args=None):
+    trainer, coordinator, _ = start(workers, config_args)
     exchanged = []
     while not trainer.finished:
         payloads = coordinator.step_payloads()
@@ -116,9 +120,7 @@ def test_missing_modality_federation_trains_every_target(site_slices, tmp_path):
 
 def test_bank_starts_as_the_pretrained_generator_and_leaves_it_frozen(site_slices, tmp_path):
     workers = make_workers(site_slices, tmp_path)
-    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
-    trainer = GeneratorTrainer(resolve_config(TINY, (), sites))
-    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    trainer, coordinator, sites = start(workers)
     masks = coordinator.sample_masks()
     while trainer.phase == "pretrain":
         payloads = coordinator.step_payloads()
@@ -219,9 +221,7 @@ def test_differential_privacy_clips_each_sample():
 
 def test_bad_site_replies_are_refused(site_slices, tmp_path):
     workers = make_workers(site_slices, tmp_path)
-    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
-    trainer = GeneratorTrainer(resolve_config(TINY, (), sites))
-    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    trainer, coordinator, sites = start(workers)
     payloads = coordinator.step_payloads()
     replies = {n: workers[n].step(p) for n, p in payloads.items()}
     broken = dict(replies["site-1"])
