@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "fedavg"
+SIMULATOR_LOCAL = REPO / "simulator_workspace" / "local"  # the class allow-list admitting fedmodal.*
 TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 
@@ -111,6 +112,7 @@ def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, 
     client["executors"][0]["executor"]["args"]["local_epochs"] = local_epochs
     server_path.write_text(json.dumps(server, indent=2))
     client_path.write_text(json.dumps(client, indent=2))
+    shutil.copytree(SIMULATOR_LOCAL, work / "ws" / "local")
     env = {**os.environ, "HOME": str(work / "home"), "FEDMODAL_DATA_ROOT": str(root), "OMP_NUM_THREADS": "1"}
     nvflare = Path(sys.executable).with_name("nvflare")
     command = [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", str(len(sites)), "-t", str(len(sites))]

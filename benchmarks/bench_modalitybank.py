@@ -92,8 +92,9 @@ def bank_sizes() -> list[dict]:
     from fedmodal.nets import madafm
     from fedmodal.nets.generator import ResnetGenerator
 
+    server, _ = job_args()
     rows = []
-    for ngf, blocks, label in ((32, 6, "default job"), (64, 9, "paper")):
+    for ngf, blocks, label in ((server["ngf"], server["n_blocks"], "default job"), (64, 9, "paper")):
         for target in ("resblocks", "all"):
             g = madafm.modulate(ResnetGenerator(2, 2, 1, ngf=ngf, n_blocks=blocks), target=target, modalities=("t2",))
             counts = madafm.count_parameters(g, "t2")
