@@ -1,0 +1,111 @@
+"""The baseline segmentation network: a MONAI U-Net that remembers how it was built.
+
+The U-Net itself is MONAI's (`UNet` or `BasicUNet`); this wrapper only records the
+arguments it was built with (`config()`), so a checkpoint or an NVFlare persistor spec can
+rebuild the same network, and names what the output channels mean (`regions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.networks.nets import BasicUNet, UNet
+from torch import nn
+
+ARCHITECTURES = ("unet", "basicunet")
+REGIONS = ("WT", "TC", "ET")
+
+
+class SegmentationNet(nn.Module):
+    """A MONAI U-Net with one sigmoid output channel per BraTS region (logits out).
+
+    Input: the four canonical modality channels plus, when `mask_channels`, four constant
+    channels saying which modality is real (1) or missing (0, image channel zeroed).
+
+    Args:
+        spatial_dims: 2 (axial slices) or 3 (volumes/patches).
+        regions: output channels, a subset of ("WT", "TC", "ET") in that order.
+        n_modalities: image channels (the four canonical modalities).
+        mask_channels: add one availability channel per modality to the input.
+        arch: "unet" (MONAI `UNet`) or "basicunet" (MONAI `BasicUNet`).
+        channels: feature channels per level (`UNet`: any length >= 2; `BasicUNet`: 6 values).
+        num_res_units: residual units per level (`UNet` only; 0 gives plain conv blocks).
+        dropout: dropout probability.
+        roi_size: the patch or slice size the network is trained on, used as the sliding
+            window at inference (None: whole input). Recorded here so it travels with the weights.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        regions: Sequence[str] = ("WT",),
+        n_modalities: int = 4,
+        mask_channels: bool = True,
+        arch: str = "unet",
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        num_res_units: int = 0,
+        dropout: float = 0.0,
+        roi_size: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        regions = tuple(regions)
+        if not regions or any(r not in REGIONS for r in regions) or list(regions) != [r for r in REGIONS if r in regions]:
+            raise ValueError(f"regions must be a non-empty subset of {REGIONS} in that order, got {regions}")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+        if roi_size is not None and len(roi_size) != spatial_dims:
+            raise ValueError(f"roi_size {tuple(roi_size)} does not have {spatial_dims} dimensions")
+        self.spatial_dims = spatial_dims
+        self.regions = regions
+        self.n_modalities = n_modalities
+        self.mask_channels = bool(mask_channels)
+        self.in_channels = n_modalities * (2 if mask_channels else 1)
+        self._config: dict[str, Any] = {
+            "spatial_dims": spatial_dims,
+            "regions": list(regions),
+            "n_modalities": n_modalities,
+            "mask_channels": self.mask_channels,
+            "arch": arch,
+            "channels": [int(c) for c in channels],
+            "num_res_units": int(num_res_units),
+            "dropout": float(dropout),
+            "roi_size": [int(s) for s in roi_size] if roi_size is not None else None,
+        }
+        if arch == "unet":
+            self.net = UNet(
+                spatial_dims=spatial_dims,
+                in_channels=self.in_channels,
+                out_channels=len(regions),
+                channels=tuple(channels),
+                strides=(2,) * (len(channels) - 1),
+                num_res_units=num_res_units,
+                norm="instance",
+                dropout=dropout,
+            )
+        else:
+            if len(channels) != 6:
+                raise ValueError(f"basicunet needs 6 feature sizes, got {tuple(channels)}")
+            self.net = BasicUNet(
+                spatial_dims=spatial_dims,
+                in_channels=self.in_channels,
+                out_channels=len(regions),
+                features=tuple(channels),
+                dropout=dropout,
+            )
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes the network accepts are multiples of this."""
+        levels = len(self._config["channels"]) - 1 if self._config["arch"] == "unet" else 4
+        return 2**levels
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-able): `SegmentationNet(**net.config())` rebuilds it."""
+        return dict(self._config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
