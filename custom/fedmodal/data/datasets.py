@@ -500,7 +500,7 @@ def load_case(
 # ----------------------------------------------------------------------------- synthesis slices
 
 
-def _square_crop_box(brain: np.ndarray, margin: int) -> tuple[slice, slice]:
+def brain_crop_box(brain: np.ndarray, margin: int = 4) -> tuple[slice, slice]:
     """In-plane bounding box of the brain over all slices, with a margin, clipped to the array."""
     xs = np.nonzero(brain.any(axis=(1, 2)))[0]
     ys = np.nonzero(brain.any(axis=(0, 2)))[0]
@@ -605,7 +605,7 @@ class SynthesisSlices(torch.utils.data.Dataset):
         if len(z_list) == 0:
             logger.info("SynthesisSlices: %s has no %s slice", case.case_id, slices)
             return None
-        xs, ys = _square_crop_box(brain, margin)
+        xs, ys = brain_crop_box(brain, margin)
         # (Z, C, X, Y) stacks of the chosen slices, cropped in-plane.
         image_t = torch.from_numpy(np.ascontiguousarray(image[:, xs, ys][..., z_list].transpose(3, 0, 1, 2)))
         label_t = torch.from_numpy(np.ascontiguousarray(label[xs, ys][..., z_list].transpose(2, 0, 1)))[:, None]

@@ -36,9 +36,6 @@ GRAD_PREFIX = "grad/"
 LOSSES = "losses"
 NEXT_KEYS = "next_keys"  # non-sharing sites: the keys of the batch they chose for the next step
 
-# Everything a site may ever put in a result (grad/<m> per modality it holds).
-SITE_RESULT_KEYS = {SAMPLE_KEYS, MASK_CODES, NUM_SAMPLES, SITE_MODALITIES, SHARES_MASKS, LOSSES, NEXT_KEYS}
-
 CONTOUR_BIT = 4  # mask code = canonical label (0..3) + 4 if the voxel is on the brain's edge
 
 

@@ -20,22 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmodal.data.datasets import condition_map, load_case
+from fedmodal.data.datasets import brain_crop_box, condition_map, load_case
 from fedmodal.data.layouts import CaseFiles, synthetic_file
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_SCALE = 1000.0  # synthetic intensities in [0, 1000] inside the brain, 0 outside (like BraTS)
 CROP_MARGIN = 4  # the margin SynthesisSlices keeps around the brain box
-
-
-def _brain_box(brain: np.ndarray, margin: int) -> tuple[slice, slice]:
-    xs = np.nonzero(brain.any(axis=(1, 2)))[0]
-    ys = np.nonzero(brain.any(axis=(0, 2)))[0]
-    return (
-        slice(max(int(xs[0]) - margin, 0), min(int(xs[-1]) + margin + 1, brain.shape[0])),
-        slice(max(int(ys[0]) - margin, 0), min(int(ys[-1]) + margin + 1, brain.shape[1])),
-    )
 
 
 @torch.no_grad()
@@ -53,7 +44,7 @@ def synthesize_volume(trainer, label: np.ndarray, brain: np.ndarray, modalities,
     out = {m: np.full(label.shape, -1.0, dtype=np.float32) for m in modalities}
     if not brain.any():
         raise ValueError("the brain mask is empty: nothing to synthesise")
-    xs, ys = _brain_box(brain, CROP_MARGIN)
+    xs, ys = brain_crop_box(brain, CROP_MARGIN)
     h, w = xs.stop - xs.start, ys.stop - ys.start
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
