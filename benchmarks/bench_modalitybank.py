@@ -53,7 +53,7 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
     return {phase: (len(t) - 3) / sum(t[3:]) for phase, t in timings.items()}
 
 
-def federated(steps: int, data_root: Path, task_request_interval: float, server_threads: int) -> dict:
+def federated(steps: int, data_root: Path, transport: str, task_request_interval: float, server_threads: int) -> dict:
     """Steps per second per phase and bytes per step per site, from a simulator run."""
     work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
     job = work / "job"
@@ -62,7 +62,8 @@ def federated(steps: int, data_root: Path, task_request_interval: float, server_
     config = json.loads(server_file.read_text())
     config["server"]["task_request_interval"] = task_request_interval
     config["workflows"][0]["args"].update(
-        pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10, num_threads=server_threads
+        pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10, num_threads=server_threads,
+        step_transport=transport,
     )
     server_file.write_text(json.dumps(config))
     shutil.copytree(REPO / "simulator_workspace" / "local", work / "ws" / "local")  # the allow-list
@@ -85,7 +86,14 @@ def federated(steps: int, data_root: Path, task_request_interval: float, server_
         n_steps = max(1, sum(1 for r in records if r["task"] == "mb_step" and r["direction"] == "in"))
         per_site[site] = {"bytes_per_step": sum(step_bytes) / n_steps, "register_bytes": register_bytes}
     shutil.rmtree(work, ignore_errors=True)
-    return {"steps_per_second": summary["steps_per_second"], "wall_seconds": wall, "per_site": per_site}
+    return {
+        "steps_per_second": summary["steps_per_second"],
+        # Of a median step, the time the server waited for the sites (transport + site work).
+        "median_step_seconds": summary["median_step_seconds"],
+        "median_wait_seconds": summary["median_wait_seconds"],
+        "wall_seconds": wall,
+        "per_site": per_site,
+    }
 
 
 def bank_sizes() -> list[dict]:
@@ -109,37 +117,57 @@ def main() -> int:
     parser.add_argument(
         "--federated",
         nargs="+",
-        default=["0.05:1", "2.0:1", "0.05:2"],
-        metavar="INTERVAL:THREADS",
-        help="simulator runs: server task_request_interval (s) and server torch threads",
+        default=["direct:0.05:2", "direct:0.05:1", "task:0.05:2", "task:0.05:1", "task:2.0:1"],
+        metavar="TRANSPORT:INTERVAL:THREADS",
+        help="simulator runs: step transport (direct or task), server task_request_interval (s), server torch threads",
+    )
+    parser.add_argument(
+        "--busy", type=int, default=0, metavar="N",
+        help="keep N busy-loop processes running throughout, to measure on a machine busy with other work",
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modalitybank.json"))
     args = parser.parse_args()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        return run(args)
+    finally:
+        for hog in hogs:  # only the processes started here, by PID
+            hog.kill()
+            hog.wait()
 
+
+def run(args: argparse.Namespace) -> int:
     from fedmodal.data.phantoms import ensure_federation
 
     data_root = ensure_federation()
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "steps_per_phase": args.steps}
+    results = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "busy_loops": args.busy},
+        "steps_per_phase": args.steps,
+    }
     results["central_steps_per_second"] = {str(t): central(args.steps, data_root, t) for t in args.central_threads}
-    runs = [(float(i), int(t)) for i, t in (spec.split(":") for spec in args.federated)]
-    results["federated"] = {f"{i}:{t}": federated(args.steps, data_root, i, t) for i, t in runs}
+    specs = {spec: (kind, float(i), int(t)) for spec in args.federated for kind, i, t in [spec.split(":")]}
+    results["federated"] = {spec: federated(args.steps, data_root, *setting) for spec, setting in specs.items()}
     results["bank"] = bank_sizes()
 
-    print(f"\nModalityBank, {args.steps} steps per phase, default job configuration, {os.cpu_count()} CPUs\n")
-    print("| run | pretrain steps/s | bank steps/s | ratio to central (pretrain, bank) |")
-    print("|---|---|---|---|")
+    print(
+        f"\nModalityBank, {args.steps} steps per phase, default job configuration, {os.cpu_count()} CPUs, "
+        f"{args.busy} busy-loop processes beside\n"
+    )
+    print("| run | pretrain steps/s | bank steps/s | ratio to the fastest central (pretrain, bank) | median wait for the sites (pretrain, bank) |")
+    print("|---|---|---|---|---|")
     by_threads = results["central_steps_per_second"]
     for threads, rates in by_threads.items():
-        print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | |")
+        print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | | |")
     # The ratio is against the faster central configuration.
     c = {phase: max(rates[phase] for rates in by_threads.values()) for phase in ("pretrain", "bank")}
     for spec, fed in results["federated"].items():
-        interval, threads = spec.split(":")
-        f = fed["steps_per_second"]
+        transport, interval, threads = spec.split(":")
+        f, w = fed["steps_per_second"], fed["median_wait_seconds"]
         print(
-            f"| simulator, task_request_interval {interval} s, server {threads} thread(s) | "
+            f"| simulator, {transport} steps, task_request_interval {interval} s, server {threads} thread(s) | "
             f"{f['pretrain']:.3f} | {f['bank']:.3f} | "
-            f"{f['pretrain'] / c['pretrain']:.2f}, {f['bank'] / c['bank']:.2f} |"
+            f"{f['pretrain'] / c['pretrain']:.2f}, {f['bank'] / c['bank']:.2f} | "
+            f"{w['pretrain'] * 1000:.0f} ms, {w['bank'] * 1000:.0f} ms |"
         )
     fed = next(iter(results["federated"].values()))
     print("\n| site | bytes per step (both ways) | registration bytes |\n|---|---|---|")
@@ -148,9 +176,10 @@ def main() -> int:
     print("\n| generator | bank target | bank per modality | frozen | ratio |\n|---|---|---|---|---|")
     for row in results["bank"]:
         print(f"| {row['generator']} | {row['target']} | {row['bank']:,} | {row['frozen']:,} | {row['ratio']:.1%} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nwritten: {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {out}")
     return 0
 
 

@@ -4,7 +4,9 @@ Provisions `provisioning/project.yml` (server renamed `localhost`, free port) in
 folder with HOME there too, writes the site-local policies with `provisioning/customize_site.py`,
 starts the server and hospital-1..3 as real processes (each with its own FEDMODAL_DATA_ROOT),
 and as the project admin submits `jobs/site-inventory` through the FLARE API, waits, downloads
-the result and checks `inventory.json`. Also: a client holding a certificate from another
+the result and checks `inventory.json`; then submits a tiny `jobs/modalitybank`, whose step
+payloads travel from the server's job process to the sites' as direct (aux) messages, and checks
+its summary and every site's payload audit. Also: a client holding a certificate from another
 provisioning is refused; a member or an org admin cannot submit, a lead cannot download another's
 job, and nobody can ship code (BYOC) to the sites.
 Every process started here is stopped by its process group at the end.
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_YML = REPO / "provisioning" / "project.yml"
 CUSTOMIZE = REPO / "provisioning" / "customize_site.py"
 JOB = REPO / "jobs" / "site-inventory"
+MB_JOB = REPO / "jobs" / "modalitybank"
 BIN = Path(sys.executable).parent
 SITES = ("hospital-1", "hospital-2", "hospital-3")
 PROJECT_ADMIN = "admin@fedmodal.example.org"
@@ -41,6 +44,13 @@ MEMBER = "dpo@hospital-3.example.org"
 ORG_ADMIN_1 = "it@hospital-1.example.org"
 START_TIMEOUT = 90
 JOB_TIMEOUT = 120
+MB_JOB_TIMEOUT = 300  # four job processes import torch, then 2 + 3 GAN steps on CPU
+# tests/test_modalitybank_sim.py's tiny run (step_timeout bounds each direct exchange).
+MB_TINY_SERVER = {
+    "image_size": 32, "ngf": 8, "n_blocks": 2, "batch_size": 2, "pretrain_steps": 2, "bank_steps": 3,
+    "sample_every": 2, "log_every": 1, "checkpoint_every": 2, "preview_count": 2, "step_timeout": 120,
+}
+MB_TINY_SITE = {"ndf": 8, "n_layers": 2, "split": "all"}
 
 
 def free_port() -> int:
@@ -145,11 +155,50 @@ def stop_job_processes(kits: list[Path]) -> None:
                 continue
 
 
-def job_copy(dest: Path) -> str:
+def job_copy(dest: Path, job: Path = JOB) -> str:
     """A copy of the job to submit: the FLARE API signs the folder it submits in place."""
-    folder = dest / JOB.name
-    shutil.copytree(JOB, folder)
+    folder = dest / job.name
+    shutil.copytree(job, folder)
     return str(folder)
+
+
+def tiny_modalitybank(dest: Path) -> str:
+    """A copy of jobs/modalitybank at the simulator test's tiny size (its step transport as shipped)."""
+    folder = Path(job_copy(dest, MB_JOB))
+    server = folder / "app" / "config" / "config_fed_server.json"
+    config = json.loads(server.read_text())
+    config["workflows"][0]["args"].update(MB_TINY_SERVER)
+    server.write_text(json.dumps(config, indent=2))
+    client = folder / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client.read_text())
+    config["executors"][0]["executor"]["args"].update(MB_TINY_SITE)
+    client.write_text(json.dumps(config, indent=2))
+    return str(folder)
+
+
+def log_tails(prod: Path, job_id: str, lines: int = 15) -> str:
+    """Where each participant's logs of a job are, with the last lines of each job log."""
+    parts = []
+    for kit in ("localhost", *SITES):
+        for log in (prod / kit / job_id / "log.txt", prod / kit / "log.txt"):
+            if log.is_file():
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {log}\n" + "\n".join(tail) if log.parent.name == job_id else f"--- {log}")
+    return "\n".join(parts)
+
+
+def audit_filters_per_direction(site_kit: Path, chain: str) -> int:
+    """How many PayloadAuditFilters a job without a scope passes through at this site in `chain`:
+    the site's default privacy scope's (local/privacy.json) plus the modalitybank job's own."""
+    privacy = json.loads((site_kit / "local" / "privacy.json").read_text())
+    scope = next(s for s in privacy["scopes"] if s["name"] == privacy["default_scope"])
+    in_scope = sum(f["path"] == "fedmodal.fl.audit.PayloadAuditFilter" for f in scope.get(chain, []))
+    job = json.loads((MB_JOB / "app" / "config" / "config_fed_client.json").read_text())
+    in_job = sum(
+        f["path"] == "fedmodal.fl.audit.PayloadAuditFilter"
+        for entry in job.get(chain, []) if "mb_step" in entry["tasks"] for f in entry["filters"]
+    )
+    return in_scope + in_job
 
 
 def session(user: str, prod: Path, timeout: float = 20.0):
@@ -220,7 +269,8 @@ def _run_federation(root: Path, env: dict):
         stop_job_processes([prod / "localhost", *(prod / s for s in SITES)])
         print(
             f"\nfedmodal POC: start-up {fed.get('startup_seconds', float('nan')):.1f} s, "
-            f"submit-to-finish {fed.get('job_seconds', float('nan')):.1f} s (logs: {logs})"
+            f"submit-to-finish {fed.get('job_seconds', float('nan')):.1f} s, "
+            f"modalitybank {fed.get('mb_job_seconds', float('nan')):.1f} s (logs: {logs})"
         )
 
 
@@ -250,6 +300,57 @@ def test_inventory_job_through_flare_api(federation, tmp_path):
         records = [json.loads(line) for line in audit.read_text().splitlines()]
         out = [r for r in records if r["direction"] == "out"]
         assert out and all(set(r["items"]) == {"summary"} for r in out)
+
+
+def test_modalitybank_direct_steps_across_processes(federation, tmp_path):
+    """The tiny ModalityBank job across real processes and TLS: steps go out as aux messages
+    (step_transport "direct", the job's default) and each site audits every one both ways."""
+    sess, prod = federation["admin"], federation["prod"]
+    job = tiny_modalitybank(tmp_path / "submit")
+    server_args = json.loads(Path(job, "app", "config", "config_fed_server.json").read_text())["workflows"][0]["args"]
+    assert server_args["step_transport"] == "direct"
+    t0 = time.time()
+    job_id = sess.submit_job(job)
+    meta = sess.wait_for_job(job_id, timeout=MB_JOB_TIMEOUT, poll_interval=1.0)
+    federation["mb_job_seconds"] = time.time() - t0
+    assert meta["status"] == RunStatus.FINISHED_COMPLETED.value, f"{meta}\n{log_tails(prod, job_id)}"
+
+    result = Path(sess.download_job_result(job_id, destination=str(tmp_path / "result")))
+    found = sorted(result.rglob("modalitybank/summary.json"))
+    assert found, f"no modalitybank/summary.json in {result}\n{log_tails(prod, job_id)}"
+    summary = json.loads(found[0].read_text())
+    assert summary["steps"] == {"pretrain": 2, "bank": 3}
+    assert set(summary["sites"]) == set(SITES)
+
+    # A site takes part in a phase's steps when it holds one of the modalities trained in it:
+    # pretrain trains the source (T1), the bank the other modalities some site holds.
+    phantoms = json.loads((federation["data"] / "federation.json").read_text())["sites"]
+    held_anywhere = {m for s in phantoms.values() for m in s["modalities"]}
+    source = server_args["source_modality"]
+    phase_modalities = {"pretrain": {source}, "bank": held_anywhere - {source}}
+    for i, site in enumerate(SITES, start=1):
+        holds = set(phantoms[f"site-{i}"]["modalities"])
+        steps = sum(n for phase, n in summary["steps"].items() if holds & phase_modalities[phase])
+        assert steps == sum(summary["steps"].values())  # every site holds T1 and two other modalities
+        audit = prod / site / job_id / "payload_audit.jsonl"
+        assert audit.is_file(), f"{site}: privacy filter did not run\n{log_tails(prod, job_id)}"
+        records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+        step_in = [r for r in records if r["task"] == "mb_step" and r["direction"] == "in"]
+        step_out = [r for r in records if r["task"] == "mb_step" and r["direction"] == "out"]
+        per_in = audit_filters_per_direction(prod / site, "task_data_filters")
+        per_out = audit_filters_per_direction(prod / site, "task_result_filters")
+        assert (len(step_in), len(step_out)) == (steps * per_in, steps * per_out), (
+            f"{site}: {len(step_in)} in / {len(step_out)} out mb_step records for {steps} steps "
+            f"({per_in} / {per_out} audit filters per direction) in {audit}"
+        )
+        assert all(r["site"] == site for r in records)
+        # What arrived were fakes of held modalities only; what left, gradients of those and losses.
+        for incoming in step_in:
+            fakes = {k[5:] for k in incoming["items"] if k.startswith("fake/")}
+            assert fakes and fakes <= holds, (site, fakes)
+        for outgoing in step_out:
+            grads = {k[5:] for k in outgoing["items"] if k.startswith("grad/")}
+            assert grads and grads <= holds and set(outgoing["items"]) - {f"grad/{m}" for m in grads} == {"losses"}
 
 
 def test_roles_without_the_right_are_refused(federation, tmp_path):
@@ -310,15 +411,17 @@ def tls_probe(port: int, ca: Path, kit: Path) -> str:
     context = ssl.create_default_context(cafile=str(ca))
     context.check_hostname = False
     context.load_cert_chain(str(kit / "startup" / "client.crt"), str(kit / "startup" / "client.key"))
-    with socket.create_connection(("localhost", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as conn:
-            conn.settimeout(3)
-            try:
-                return f"closed {conn.recv(1)!r}"  # TLS 1.3: the server checks our certificate now
-            except socket.timeout:
-                return "open"
-            except (ssl.SSLError, OSError) as error:
-                return f"closed ({error})"
+    with (
+        socket.create_connection(("localhost", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
+        conn.settimeout(3)
+        try:
+            return f"closed {conn.recv(1)!r}"  # TLS 1.3: the server checks our certificate now
+        except TimeoutError:
+            return "open"
+        except (ssl.SSLError, OSError) as error:
+            return f"closed ({error})"
 
 
 def test_client_from_another_provisioning_is_refused(federation):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmodal.data.phantoms import build_federation
 
@@ -28,12 +29,12 @@ TINY_SERVER = dict(
 TINY_SITE = dict(ndf=8, n_layers=2, split="all")
 
 
-def tiny_job(tmp_path: Path) -> Path:
+def tiny_job(tmp_path: Path, transport: str) -> Path:
     job = tmp_path / "job"
     shutil.copytree(JOB, job)
     server = job / "app" / "config" / "config_fed_server.json"
     config = json.loads(server.read_text())
-    config["workflows"][0]["args"].update(TINY_SERVER)
+    config["workflows"][0]["args"].update(TINY_SERVER, step_transport=transport)
     server.write_text(json.dumps(config))
     client = job / "app" / "config" / "config_fed_client.json"
     config = json.loads(client.read_text())
@@ -47,21 +48,39 @@ def read_audit(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def simulated_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("mbsim")
-    data = build_federation(tmp_path / "data", shape=(40, 40, 24), cases_per_site=2, test_cases=2)
+def phantom_data(tmp_path_factory):
+    data = build_federation(tmp_path_factory.mktemp("mbdata"), shape=(40, 40, 24), cases_per_site=2, test_cases=2)
     # site-2's IT keeps its masks at home: the site file overrides the job.
     (data / "site-2" / "fedmodal_site.json").write_text(json.dumps({"share_masks": False}))
+    return data
+
+
+def simulate(tmp_path: Path, data: Path, transport: str) -> tuple[Path, str]:
     workspace = tmp_path / "ws"
     shutil.copytree(SIMULATOR_LOCAL, workspace / "local")
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(NVFLARE), "simulator", str(tiny_job(tmp_path)), "-w", str(workspace), "-n", "3", "-t", "3"],
+        [str(NVFLARE), "simulator", str(tiny_job(tmp_path, transport)), "-w", str(workspace), "-n", "3", "-t", "3"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return workspace, log
+
+
+# Steps travel as direct (aux) messages by default, or as NVFlare tasks: both must hold the
+# same protocol and the same audit.
+TRANSPORTS = ("direct", "task")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, phantom_data) -> dict[str, tuple[Path, str]]:
+    return {t: simulate(tmp_path_factory.mktemp(f"mbsim-{t}"), phantom_data, t) for t in TRANSPORTS}
+
+
+@pytest.fixture(params=TRANSPORTS)
+def simulated_run(request, runs):
+    return runs[request.param]
 
 
 def test_job_trains_and_leaves_its_outputs(simulated_run):
@@ -129,3 +148,16 @@ def test_privacy_audit_holds(simulated_run):
             losses = outgoing["items"]["losses"]
             assert losses["kind"] == "dict"
             assert all(k.split("/")[0] in fakes for k in losses["keys"])
+
+
+def test_transports_train_the_same_generator(runs):
+    """The transport moves the same payloads: both runs end with bit-identical weights."""
+    checkpoints = {t: workspace / "server" / "simulate_job" / "modalitybank" / "checkpoint" for t, (workspace, _) in runs.items()}
+    for name in ["generator.pt", *(f"bank/{m}.pt" for m in ("t1", "t1ce", "t2", "flair"))]:
+        direct = torch.load(checkpoints["direct"] / name, weights_only=False)
+        task = torch.load(checkpoints["task"] / name, weights_only=False)
+        state_direct = direct.get("state_dict", direct)
+        state_task = task.get("state_dict", task)
+        assert state_direct.keys() == state_task.keys(), name
+        for key in state_direct:
+            assert torch.equal(state_direct[key], state_task[key]), f"{name}: {key} differs between transports"

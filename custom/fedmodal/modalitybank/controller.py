@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import torch
 from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import FilterKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import ReturnCode, Shareable
 from nvflare.apis.signal import Signal
 
+from fedmodal.fl.direct import TASK_DATA, TASK_RESULT, filter_like_task
 from fedmodal.fl.site import select_device
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
@@ -34,6 +37,7 @@ from fedmodal.modalitybank.grids import grid_array, mask_picture, save_grid
 logger = logging.getLogger(__name__)
 
 OUTPUT_DIR = "modalitybank"
+STEP_TRANSPORTS = ("direct", "task")
 
 
 class ModalityBankController(Controller):
@@ -66,6 +70,9 @@ class ModalityBankController(Controller):
         device: "auto", "cpu" or "cuda[:i]".
         num_threads: torch CPU threads at the server (0 keeps torch's default).
         task_check_period: how often the workflow checks for finished tasks (seconds).
+        step_transport: how step payloads travel. "direct" pushes them to the sites as NVFlare
+            aux messages through the same filters as tasks (one round trip per step); "task"
+            sends NVFlare tasks, which wait for each site's next poll.
     """
 
     def __init__(
@@ -95,8 +102,12 @@ class ModalityBankController(Controller):
         device: str = "auto",
         num_threads: int = 0,
         task_check_period: float = 0.05,
+        step_transport: str = "direct",
     ):
         super().__init__(task_check_period=task_check_period)
+        if step_transport not in STEP_TRANSPORTS:
+            raise ValueError(f"step_transport must be one of {STEP_TRANSPORTS}, got {step_transport!r}")
+        self.step_transport = step_transport
         self.requested_targets = tuple(target_modalities or ())
         self.config_args = dict(
             mode=mode,
@@ -126,6 +137,7 @@ class ModalityBankController(Controller):
         self.num_threads = num_threads
         self.out_dir: Path | None = None
         self.writer = None
+        self.senders: ThreadPoolExecutor | None = None  # direct transport: one request per site at once
 
     # ------------------------------------------------------------------ lifecycle
     def start_controller(self, fl_ctx: FLContext):
@@ -141,6 +153,8 @@ class ModalityBankController(Controller):
     def stop_controller(self, fl_ctx: FLContext):
         if self.writer is not None:
             self.writer.close()
+        if self.senders is not None:
+            self.senders.shutdown(wait=False, cancel_futures=True)
 
     def process_result_of_unknown_task(
         self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
@@ -162,17 +176,26 @@ class ModalityBankController(Controller):
             trainer.load_pretrained(self.pretrained_generator)
         coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
         sample_masks = coordinator.sample_masks()
-        timings: dict[str, list[float]] = {}
+        timings: dict[str, list[float]] = {}  # seconds per step, by phase
+        waits: dict[str, list[float]] = {}  # of which waiting for the sites (transport + site compute)
         total_steps = sum(n for _, n in config.phases)
         global_step = sum(n for _, n in config.phases[: trainer.progress.phase_index]) + trainer.progress.step
         while not trainer.finished:
             phase, step, phase_steps = trainer.phase, trainer.progress.step, trainer.phase_steps
             started = time.perf_counter()
-            replies = self._exchange(P.TASK_STEP, coordinator.step_payloads(), abort_signal, fl_ctx)
+            payloads = coordinator.step_payloads()
+            sent = time.perf_counter()
+            if self.step_transport == "direct":
+                replies = self._exchange_direct(P.TASK_STEP, payloads, fl_ctx)
+            else:
+                replies = self._exchange(P.TASK_STEP, payloads, abort_signal, fl_ctx)
             if replies is None:
                 return
+            received = time.perf_counter()
             losses = coordinator.finish_step(replies)
-            timings.setdefault(phase, []).append(time.perf_counter() - started)
+            finished = time.perf_counter()
+            timings.setdefault(phase, []).append(finished - started)
+            waits.setdefault(phase, []).append(received - sent)
             global_step += 1
             self._record_losses(losses, global_step)
             phase_done = trainer.finished or trainer.phase != phase
@@ -196,7 +219,7 @@ class ModalityBankController(Controller):
         previews = coordinator.preview_payloads(self.preview_count)
         if self._exchange(P.TASK_PREVIEW, previews, abort_signal, fl_ctx) is None:
             return
-        self._write_summary(config, sites, timings)
+        self._write_summary(config, sites, timings, waits)
         self.log_info(fl_ctx, f"ModalityBank finished; checkpoint in {self.out_dir / 'checkpoint'}")
 
     def _register(self, abort_signal: Signal, fl_ctx: FLContext) -> list[SiteState] | None:
@@ -275,6 +298,40 @@ class ModalityBankController(Controller):
             out[name] = from_shareable(result).data
         return out
 
+    def _exchange_direct(self, task_name: str, payloads: dict[str, dict], fl_ctx: FLContext):
+        """Like `_exchange`, but pushed as aux messages (fedmodal.fl.direct): no poll to wait for."""
+        requests = {
+            name: filter_like_task(TASK_DATA, FilterKey.OUT, task_name, DXO(DataKind.COLLECTION, p).to_shareable(), fl_ctx)
+            for name, p in payloads.items()
+        }
+        engine = fl_ctx.get_engine()
+
+        def send(name: str) -> Shareable | None:
+            # One request per site, in parallel. (NVFlare 2.9's multicast_aux_requests fails on a
+            # keyword its cell does not take, so per-site requests stand in for it.)
+            with engine.new_context() as ctx:
+                reply = engine.send_aux_request([name], task_name, requests[name], float(self.step_timeout), ctx)
+            return (reply or {}).get(name)
+
+        if self.senders is None:
+            self.senders = ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="mb-direct")
+        replies = dict(zip(requests, self.senders.map(send, list(requests))))
+        out = {}
+        for name in sorted(payloads):
+            result = replies.get(name)
+            code = None if result is None else result.get_return_code()
+            if code != ReturnCode.OK:
+                if fl_ctx.get_run_abort_signal() and fl_ctx.get_run_abort_signal().triggered:
+                    return None
+                self.system_panic(
+                    f"site {name} failed {task_name} (return code {code}; a timeout after {self.step_timeout}s "
+                    f"or a lost site shows as TIMEOUT or COMMUNICATION_ERROR); see its log",
+                    fl_ctx,
+                )
+                return None
+            out[name] = from_shareable(filter_like_task(TASK_RESULT, FilterKey.IN, task_name, result, fl_ctx)).data
+        return out
+
     # ------------------------------------------------------------------ outputs
     def _record_losses(self, losses: dict, global_step: int) -> None:
         for site, values in sorted(losses.items()):
@@ -288,7 +345,7 @@ class ModalityBankController(Controller):
         path = save_grid(rows, titles, self.out_dir / "samples" / f"step_{global_step:06d}.png", f"step {global_step}")
         self.writer.add_image("samples", grid_array(path), global_step, dataformats="HWC")
 
-    def _write_summary(self, config: GeneratorConfig, sites: list[SiteState], timings: dict) -> None:
+    def _write_summary(self, config: GeneratorConfig, sites: list[SiteState], timings: dict, waits: dict) -> None:
         summary = {
             "config": asdict(config),
             "sites": {
@@ -298,6 +355,7 @@ class ModalityBankController(Controller):
             "steps": {phase: len(t) for phase, t in timings.items()},
             "steps_per_second": {phase: len(t) / sum(t) for phase, t in timings.items() if t},
             "median_step_seconds": {phase: float(np.median(t)) for phase, t in timings.items() if t},
+            "median_wait_seconds": {phase: float(np.median(t)) for phase, t in waits.items() if t},
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 

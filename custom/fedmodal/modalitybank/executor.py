@@ -9,13 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FilterKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from fedmodal.data.manifest import read_site_file
+from fedmodal.fl.direct import TASK_DATA, TASK_RESULT, filter_like_task
 from fedmodal.fl.site import resolve_site_root, select_device, site_seed
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.site_trainer import AdversaryConfig
@@ -68,6 +70,27 @@ class ModalityBankExecutor(Executor):
         self.device_name = device
         self.num_threads = num_threads
         self.worker: SiteWorker | None = None
+        self._direct_registered = False
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        # Steps may also come as direct messages (the controller's step_transport "direct").
+        if event_type == EventType.START_RUN and not self._direct_registered:
+            fl_ctx.get_engine().register_aux_message_handler(P.TASK_STEP, self._direct_step)
+            self._direct_registered = True
+
+    def _direct_step(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+        """A step sent as a direct message: the same filters as the task, the same work."""
+        try:
+            request = filter_like_task(TASK_DATA, FilterKey.IN, P.TASK_STEP, request, fl_ctx)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()}: a filter refused {P.TASK_STEP}: {e}")
+            return make_reply(ReturnCode.TASK_DATA_FILTER_ERROR)
+        reply = self.execute(P.TASK_STEP, request, fl_ctx, Signal())
+        try:
+            return filter_like_task(TASK_RESULT, FilterKey.OUT, P.TASK_STEP, reply, fl_ctx)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()}: a filter refused the {P.TASK_STEP} result: {e}")
+            return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
