@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -176,14 +177,32 @@ def tiny_modalitybank(dest: Path) -> str:
     return str(folder)
 
 
-def log_tails(prod: Path, job_id: str, lines: int = 15) -> str:
-    """Where each participant's logs of a job are, with the last lines of each job log."""
+def log_tails(federation: dict, job_id: str, lines: int = 12) -> str:
+    """Each participant's logs of a job (its job log and its parent's), with their last lines.
+
+    A finished job's server run folder is moved into the job store as a zip (`workspace`):
+    the server's job log is read from there once its run folder is gone."""
+    prod = federation["prod"]
     parts = []
+
+    def tail(name: str, text: str) -> None:
+        parts.append(f"--- {name}\n" + "\n".join(text.splitlines()[-lines:]))
+
     for kit in ("localhost", *SITES):
-        for log in (prod / kit / job_id / "log.txt", prod / kit / "log.txt"):
-            if log.is_file():
-                tail = log.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {log}\n" + "\n".join(tail) if log.parent.name == job_id else f"--- {log}")
+        job_log = prod / kit / job_id / "log.txt"
+        stored = federation["root"] / "server-storage" / "jobs-storage" / job_id / "workspace"
+        if job_log.is_file():
+            tail(str(job_log), job_log.read_text(errors="replace"))
+        elif kit == "localhost" and stored.is_file():
+            try:
+                with zipfile.ZipFile(stored) as z:
+                    tail(f"{stored} (zip) log.txt", z.read("log.txt").decode(errors="replace"))
+            except (zipfile.BadZipFile, KeyError) as error:
+                parts.append(f"--- {stored}: {error}")
+        else:
+            parts.append(f"--- {job_log}: missing")
+        if (prod / kit / "log.txt").is_file():
+            tail(str(prod / kit / "log.txt"), (prod / kit / "log.txt").read_text(errors="replace"))
     return "\n".join(parts)
 
 
@@ -313,11 +332,11 @@ def test_modalitybank_direct_steps_across_processes(federation, tmp_path):
     job_id = sess.submit_job(job)
     meta = sess.wait_for_job(job_id, timeout=MB_JOB_TIMEOUT, poll_interval=1.0)
     federation["mb_job_seconds"] = time.time() - t0
-    assert meta["status"] == RunStatus.FINISHED_COMPLETED.value, f"{meta}\n{log_tails(prod, job_id)}"
+    assert meta["status"] == RunStatus.FINISHED_COMPLETED.value, f"{meta}\n{log_tails(federation, job_id)}"
 
     result = Path(sess.download_job_result(job_id, destination=str(tmp_path / "result")))
     found = sorted(result.rglob("modalitybank/summary.json"))
-    assert found, f"no modalitybank/summary.json in {result}\n{log_tails(prod, job_id)}"
+    assert found, f"no modalitybank/summary.json in {result}\n{log_tails(federation, job_id)}"
     summary = json.loads(found[0].read_text())
     assert summary["steps"] == {"pretrain": 2, "bank": 3}
     assert set(summary["sites"]) == set(SITES)
@@ -333,7 +352,7 @@ def test_modalitybank_direct_steps_across_processes(federation, tmp_path):
         steps = sum(n for phase, n in summary["steps"].items() if holds & phase_modalities[phase])
         assert steps == sum(summary["steps"].values())  # every site holds T1 and two other modalities
         audit = prod / site / job_id / "payload_audit.jsonl"
-        assert audit.is_file(), f"{site}: privacy filter did not run\n{log_tails(prod, job_id)}"
+        assert audit.is_file(), f"{site}: privacy filter did not run\n{log_tails(federation, job_id)}"
         records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
         step_in = [r for r in records if r["task"] == "mb_step" and r["direction"] == "in"]
         step_out = [r for r in records if r["task"] == "mb_step" and r["direction"] == "out"]

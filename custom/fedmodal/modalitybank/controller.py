@@ -24,7 +24,7 @@ from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import FilterKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
-from nvflare.apis.shareable import ReturnCode, Shareable
+from nvflare.apis.shareable import ReturnCode, Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from fedmodal.fl.direct import TASK_DATA, TASK_RESULT, filter_like_task
@@ -300,22 +300,27 @@ class ModalityBankController(Controller):
 
     def _exchange_direct(self, task_name: str, payloads: dict[str, dict], fl_ctx: FLContext):
         """Like `_exchange`, but pushed as aux messages (fedmodal.fl.direct): no poll to wait for."""
-        requests = {
-            name: filter_like_task(TASK_DATA, FilterKey.OUT, task_name, DXO(DataKind.COLLECTION, p).to_shareable(), fl_ctx)
-            for name, p in payloads.items()
-        }
         engine = fl_ctx.get_engine()
 
         def send(name: str) -> Shareable | None:
-            # One request per site, in parallel. (NVFlare 2.9's multicast_aux_requests fails on a
-            # keyword its cell does not take, so per-site requests stand in for it.)
+            # One request per site, in parallel (NVFlare 2.9's multicast_aux_requests fails on a
+            # keyword its cell does not take). Each in its own context: the filters mark the
+            # context with the task's name, which must not stick to the workflow's.
             with engine.new_context() as ctx:
-                reply = engine.send_aux_request([name], task_name, requests[name], float(self.step_timeout), ctx)
-            return (reply or {}).get(name)
+                try:
+                    request = DXO(DataKind.COLLECTION, payloads[name]).to_shareable()
+                    request = filter_like_task(TASK_DATA, FilterKey.OUT, task_name, request, ctx)
+                    reply = (engine.send_aux_request([name], task_name, request, float(self.step_timeout), ctx) or {}).get(name)
+                    if reply is not None and reply.get_return_code() == ReturnCode.OK:
+                        reply = filter_like_task(TASK_RESULT, FilterKey.IN, task_name, reply, ctx)
+                    return reply
+                except Exception as e:  # a server-side filter refused: the run stops naming the site
+                    self.log_exception(ctx, f"{task_name} with site {name} failed at the server: {e}")
+                    return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
         if self.senders is None:
-            self.senders = ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="mb-direct")
-        replies = dict(zip(requests, self.senders.map(send, list(requests))))
+            self.senders = ThreadPoolExecutor(max_workers=len(payloads), thread_name_prefix="mb-direct")
+        replies = dict(zip(payloads, self.senders.map(send, list(payloads))))
         out = {}
         for name in sorted(payloads):
             result = replies.get(name)
@@ -329,7 +334,7 @@ class ModalityBankController(Controller):
                     fl_ctx,
                 )
                 return None
-            out[name] = from_shareable(filter_like_task(TASK_RESULT, FilterKey.IN, task_name, result, fl_ctx)).data
+            out[name] = from_shareable(result).data
         return out
 
     # ------------------------------------------------------------------ outputs

@@ -80,6 +80,7 @@ class ModalityBankExecutor(Executor):
 
     def _direct_step(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
         """A step sent as a direct message: the same filters as the task, the same work."""
+        self.log_debug(fl_ctx, f"direct {P.TASK_STEP} received")
         try:
             request = filter_like_task(TASK_DATA, FilterKey.IN, P.TASK_STEP, request, fl_ctx)
         except Exception as e:
