@@ -33,6 +33,15 @@ def job_args() -> tuple[dict, dict]:
     return server, client
 
 
+WARMUP_STEPS = 3  # the first steps of a phase pay one-off costs (allocation, lazy layers): not timed
+
+
+def steady_rate(seconds: list[float]) -> float:
+    """Steps per second after the warm-up steps."""
+    timed = seconds[WARMUP_STEPS:]
+    return len(timed) / sum(timed)
+
+
 def central(steps: int, data_root: Path, threads: int) -> dict:
     """Steps per second per phase with every site's worker in this process."""
     from fedmodal.modalitybank.central import build_workers, train
@@ -49,8 +58,7 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
     keys = ("mode", "image_size", "ngf", "n_blocks", "modulate", "source_modality", "batch_size", "lr", "max_shift", "seed")
     _, _, timings = train(workers, {**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps})
     shutil.rmtree(out, ignore_errors=True)
-    # The first steps pay one-off costs (allocation, lazy discriminators): skip a few.
-    return {phase: (len(t) - 3) / sum(t[3:]) for phase, t in timings.items()}
+    return {phase: steady_rate(t) for phase, t in timings.items()}
 
 
 def federated(steps: int, data_root: Path, transport: str, task_request_interval: float, server_threads: int) -> dict:
@@ -87,9 +95,9 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
         per_site[site] = {"bytes_per_step": sum(step_bytes) / n_steps, "register_bytes": register_bytes}
     shutil.rmtree(work, ignore_errors=True)
     return {
-        "steps_per_second": summary["steps_per_second"],
-        # Of a median step, the time the server waited for the sites (transport + site work).
+        "steps_per_second": {phase: steady_rate(t) for phase, t in summary["step_seconds"].items()},
         "median_step_seconds": summary["median_step_seconds"],
+        # Of a median step, the time the server waited for the sites (transport + site work).
         "median_wait_seconds": summary["median_wait_seconds"],
         "wall_seconds": wall,
         "per_site": per_site,

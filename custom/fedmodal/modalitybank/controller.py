@@ -361,6 +361,9 @@ class ModalityBankController(Controller):
             "steps_per_second": {phase: len(t) / sum(t) for phase, t in timings.items() if t},
             "median_step_seconds": {phase: float(np.median(t)) for phase, t in timings.items() if t},
             "median_wait_seconds": {phase: float(np.median(t)) for phase, t in waits.items() if t},
+            # Every step's time, and of it the wait for the sites: for benchmarks and regressions.
+            "step_seconds": {phase: [round(x, 5) for x in t] for phase, t in timings.items()},
+            "wait_seconds": {phase: [round(x, 5) for x in t] for phase, t in waits.items()},
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
