@@ -20,6 +20,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 AUDIT_FILE = "payload_audit.jsonl"
+AUDITED_HEADER = "fedmodal.audited"
 
 
 def describe(value) -> dict:
@@ -60,6 +61,12 @@ class PayloadAuditFilter(Filter):
         self.direction = direction
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        # A deployed site audits through its privacy scope and the job may carry the filter as
+        # well (for the simulator, which has no privacy scopes): record each payload once.
+        marker = f"{AUDITED_HEADER}.{self.direction}"
+        if shareable.get_header(marker):
+            return shareable
+        shareable.set_header(marker, True)
         try:
             dxo = from_shareable(shareable)
             items = dxo.data if isinstance(dxo.data, dict) else {"data": dxo.data}

@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_DIR = "modalitybank"
 STEP_TRANSPORTS = ("direct", "task")
+# Return codes a site sets itself (its log says why); anything else means the message got no answer.
+SITE_REPORTED = (
+    ReturnCode.EXECUTION_EXCEPTION,
+    ReturnCode.TASK_DATA_FILTER_ERROR,
+    ReturnCode.TASK_RESULT_FILTER_ERROR,
+    ReturnCode.TASK_UNKNOWN,
+    ReturnCode.TOPIC_UNKNOWN,
+)
 
 
 class ModalityBankController(Controller):
@@ -328,11 +336,14 @@ class ModalityBankController(Controller):
             if code != ReturnCode.OK:
                 if fl_ctx.get_run_abort_signal() and fl_ctx.get_run_abort_signal().triggered:
                     return None
-                self.system_panic(
-                    f"site {name} failed {task_name} (return code {code}; a timeout after {self.step_timeout}s "
-                    f"or a lost site shows as TIMEOUT or COMMUNICATION_ERROR); see its log",
-                    fl_ctx,
-                )
+                if code in SITE_REPORTED:
+                    reason = "see its log"
+                else:  # the message got no answer: the site's process is gone, hung or unreachable
+                    reason = (
+                        f"no answer within {self.step_timeout}s or the site is unreachable. In the simulator, run "
+                        f"with as many threads as sites (-t), so no site process is recycled during the run"
+                    )
+                self.system_panic(f"site {name} failed {task_name} (return code {code}): {reason}", fl_ctx)
                 return None
             out[name] = from_shareable(result).data
         return out
