@@ -87,3 +87,32 @@ def test_bad_use_is_named():
         filter_like_task("task_filters", FilterKey.OUT, "mb_step", payload(), site_context(None, {}))
     with pytest.raises(RuntimeError, match="no NVFlare runner"):
         filter_like_task(TASK_DATA, FilterKey.IN, "mb_step", payload(), FLContext())
+
+
+def test_site_executor_refuses_a_step_its_filters_refuse():
+    """A direct step whose data or result a site filter refuses comes back as a filter error,
+    which the server reports naming the site; nothing else leaves."""
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from fedmodal.modalitybank import protocol as P
+    from fedmodal.modalitybank.executor import ModalityBankExecutor
+
+    executor = ModalityBankExecutor()
+    refuse_data = site_context(None, {TASK_DATA: {f"{P.TASK_STEP}/in": [Refuse()]}, TASK_RESULT: {}})
+    reply = executor._direct_step(P.TASK_STEP, payload(), refuse_data)
+    assert reply.get_return_code() == ReturnCode.TASK_DATA_FILTER_ERROR
+
+    refuse_result = site_context(None, {TASK_DATA: {}, TASK_RESULT: {f"{P.TASK_STEP}/out": [Refuse()]}})
+    reply = executor._direct_step(P.TASK_STEP, payload(), refuse_result)
+    assert reply.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "grad/t2" not in reply  # the refused payload is not passed on
+
+
+def test_site_executor_answers_a_step_before_registration_with_an_error():
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from fedmodal.modalitybank import protocol as P
+    from fedmodal.modalitybank.executor import ModalityBankExecutor
+
+    reply = ModalityBankExecutor()._direct_step(P.TASK_STEP, payload(), site_context(None, {TASK_DATA: {}, TASK_RESULT: {}}))
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
