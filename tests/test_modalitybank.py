@@ -187,6 +187,26 @@ def test_checkpoint_round_trip_and_resume(site_slices, tmp_path):
         GeneratorTrainer.resume(tmp_path / "mid", resolve_config({**TINY, "ngf": 16}, (), sites))
 
 
+def test_resume_a_finished_run_to_train_its_last_phase_longer(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    trainer, _, _ = run_federation(workers)
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
+    assert trainer.finished
+    trainer.save(tmp_path / "done")
+    config = trainer.config
+
+    same = GeneratorTrainer.resume(tmp_path / "done", config)
+    assert same.finished  # nothing more to train
+
+    longer = GeneratorTrainer.resume(tmp_path / "done", resolve_config({**TINY, "bank_steps": TINY["bank_steps"] + 2}, (), sites))
+    assert not longer.finished and longer.phase == "bank" and longer.progress.step == TINY["bank_steps"]
+    saved_state = torch.load(tmp_path / "done" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    assert longer.optimizer.state_dict()["state"].keys() == saved_state.keys()  # Adam's moments carried over
+    for modality in MODALITIES:
+        for key, value in madafm.bank_state_dict(trainer.generator, modality).items():
+            assert torch.equal(madafm.bank_state_dict(longer.generator, modality)[key], value)
+
+
 def test_site_that_keeps_its_masks_sends_one_batch_at_a_time(site_slices, tmp_path):
     workers = make_workers(site_slices, tmp_path, shares={"site-2": False})
     registration = workers["site-2"].registration()
@@ -262,3 +282,32 @@ def test_pretraining_elsewhere_then_bank_only(site_slices, tmp_path):
         assert torch.allclose(image, expected, atol=1e-6), modality
     with pytest.raises(ValueError, match="differs in"):
         GeneratorTrainer(resolve_config({**TINY, "ngf": 16}, (), sites)).load_pretrained(tmp_path / "pretrained")
+
+
+def test_sites_keep_their_discriminators_at_checkpoints_for_a_resumed_run(site_slices, tmp_path):
+    """A checkpoint step makes every site save its discriminators; a resumed run loads them only
+    when they are from the step the server resumes at."""
+    dataset, modalities = site_slices["site-1"]
+
+    def worker(state_dir, seed):
+        config = AdversaryConfig(ndf=8, n_layers=2, seed=seed)
+        return SiteWorker("site-1", dataset, modalities, config, 2, True, seed, tmp_path / "out", state_dir=state_dir)
+
+    first = worker(tmp_path / "state", seed=0)
+    trainer, coordinator, _ = start({"site-1": first})
+    first.step(coordinator.step_payloads(checkpoint_step=None)["site-1"])
+    assert not (tmp_path / "state").exists()  # no checkpoint, nothing kept
+    coordinator._plan = None
+    first.step(coordinator.step_payloads(checkpoint_step=7)["site-1"])
+    saved = first.adversary.state_dict()
+
+    resumed = worker(tmp_path / "state", seed=1)  # another seed: it would build other weights
+    assert "start afresh" in resumed.load_state(8)  # the server resumes elsewhere: not these
+    assert resumed.adversary.discriminators == {}  # nothing loaded
+    assert "resumed from" in resumed.load_state(7)
+    for modality, entry in saved.items():
+        for key, value in entry["net"].items():
+            assert torch.equal(resumed.adversary.state_dict()[modality]["net"][key], value), (modality, key)
+        assert resumed.adversary.state_dict()[modality]["opt"]["state"].keys() == entry["opt"]["state"].keys()
+
+    assert "start afresh" in worker(tmp_path / "elsewhere", seed=0).load_state(7)

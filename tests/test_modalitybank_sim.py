@@ -29,16 +29,16 @@ TINY_SERVER = dict(
 TINY_SITE = dict(ndf=8, n_layers=2, split="all")
 
 
-def tiny_job(tmp_path: Path, transport: str) -> Path:
+def tiny_job(tmp_path: Path, server_args: dict, site_args: dict) -> Path:
     job = tmp_path / "job"
     shutil.copytree(JOB, job)
     server = job / "app" / "config" / "config_fed_server.json"
     config = json.loads(server.read_text())
-    config["workflows"][0]["args"].update(TINY_SERVER, step_transport=transport)
+    config["workflows"][0]["args"].update(TINY_SERVER, **server_args)
     server.write_text(json.dumps(config))
     client = job / "app" / "config" / "config_fed_client.json"
     config = json.loads(client.read_text())
-    config["executors"][0]["executor"]["args"].update(TINY_SITE)
+    config["executors"][0]["executor"]["args"].update(TINY_SITE, **site_args)
     client.write_text(json.dumps(config))
     return job
 
@@ -55,12 +55,15 @@ def phantom_data(tmp_path_factory):
     return data
 
 
-def simulate(tmp_path: Path, data: Path, transport: str) -> tuple[Path, str]:
+def simulate(tmp_path: Path, data: Path, transport: str, **server_args) -> tuple[Path, str]:
+    """One simulator run of the tiny job; the sites keep their state in <tmp_path>/site-state."""
     workspace = tmp_path / "ws"
+    site_args = {"state_dir": str(tmp_path / "site-state")}
+    job = tiny_job(tmp_path, {"step_transport": transport, **server_args}, site_args)
     shutil.copytree(SIMULATOR_LOCAL, workspace / "local")
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(NVFLARE), "simulator", str(tiny_job(tmp_path, transport)), "-w", str(workspace), "-n", "3", "-t", "3"],
+        [str(NVFLARE), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     log = proc.stdout + proc.stderr
@@ -122,7 +125,7 @@ def test_privacy_audit_holds(simulated_run):
                     assert item["kind"] == "array" and item["shape"][1] == 3
                 else:
                     # Everything else is small metadata: no tensor or weight ever arrives.
-                    assert key in {"config", "phase", "step", "phase_steps", "keys"}, key
+                    assert key in {"config", "phase", "step", "phase_steps", "keys", "checkpoint"}, key
                     assert item["kind"] in {"dict", "scalar", "string", "list"}, (key, item)
 
         registrations = [r for r in sent if r["task"] == "mb_register"]
@@ -161,3 +164,24 @@ def test_transports_train_the_same_generator(runs):
         assert state_direct.keys() == state_task.keys(), name
         for key in state_direct:
             assert torch.equal(state_direct[key], state_task[key]), f"{name}: {key} differs between transports"
+
+
+def test_resume_continues_with_the_sites_discriminators(runs, tmp_path_factory, phantom_data):
+    """resume_from a finished run's checkpoint, two more bank steps: G and bank come from the
+    checkpoint, and every site reloads the discriminators it saved at that checkpoint."""
+    workspace, _ = runs["direct"]
+    checkpoint = workspace / "server" / "simulate_job" / "modalitybank" / "checkpoint"
+    run = json.loads((checkpoint / "run.json").read_text())
+    assert run["global_step"] == TINY_SERVER["pretrain_steps"] + TINY_SERVER["bank_steps"]
+    tmp_path = tmp_path_factory.mktemp("mbsim-resume")
+    shutil.copytree(workspace.parent / "site-state", tmp_path / "site-state")  # the sites' own folders
+    resumed_ws, log = simulate(
+        tmp_path, phantom_data, "direct", resume_from=str(checkpoint), bank_steps=TINY_SERVER["bank_steps"] + 2
+    )
+    for site in ("site-1", "site-2", "site-3"):
+        state = tmp_path / "site-state" / site / run["run_id"] / "discriminators.pt"
+        assert f"site {site}: discriminators resumed from {state} (step {run['global_step']})" in log
+    summary = json.loads((resumed_ws / "server" / "simulate_job" / "modalitybank" / "summary.json").read_text())
+    assert summary["steps"] == {"bank": 2}
+    resumed = json.loads((resumed_ws / "server" / "simulate_job" / "modalitybank" / "checkpoint" / "run.json").read_text())
+    assert resumed == {"run_id": run["run_id"], "global_step": run["global_step"] + 2}

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,7 @@ from fedmodal.modalitybank.grids import grid_array, mask_picture, save_grid
 logger = logging.getLogger(__name__)
 
 OUTPUT_DIR = "modalitybank"
+RUN_FILE = "run.json"  # in a checkpoint: the run's id and global step, for the sites' state on resume
 STEP_TRANSPORTS = ("direct", "task")
 # Return codes a site sets itself (its log says why); anything else means the message got no answer.
 SITE_REPORTED = (
@@ -171,7 +173,8 @@ class ModalityBankController(Controller):
 
     # ------------------------------------------------------------------ workflow
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
-        sites = self._register(abort_signal, fl_ctx)
+        run_id, resume_step = self._run_identity(fl_ctx)
+        sites = self._register(abort_signal, fl_ctx, run_id, resume_step)
         if sites is None:
             return
         config = resolve_config(self.config_args, self.requested_targets, sites)
@@ -190,8 +193,10 @@ class ModalityBankController(Controller):
         global_step = sum(n for _, n in config.phases[: trainer.progress.phase_index]) + trainer.progress.step
         while not trainer.finished:
             phase, step, phase_steps = trainer.phase, trainer.progress.step, trainer.phase_steps
+            # Checkpoints at phase ends and every checkpoint_every steps; the sites save with them.
+            saves = step + 1 >= phase_steps or bool(self.checkpoint_every and (global_step + 1) % self.checkpoint_every == 0)
             started = time.perf_counter()
-            payloads = coordinator.step_payloads()
+            payloads = coordinator.step_payloads(checkpoint_step=global_step + 1 if saves else None)
             sent = time.perf_counter()
             if self.step_transport == "direct":
                 replies = self._exchange_direct(P.TASK_STEP, payloads, fl_ctx)
@@ -222,21 +227,38 @@ class ModalityBankController(Controller):
                 self.writer.add_scalar("speed/steps_per_s", rate, global_step)
             if self.sample_every and (global_step % self.sample_every == 0 or trainer.finished):
                 self._save_samples(trainer, sample_masks, global_step)
-            if phase_done or (self.checkpoint_every and global_step % self.checkpoint_every == 0):
+            if saves:
                 trainer.save(self.out_dir / "checkpoint")
+                run_file = self.out_dir / "checkpoint" / RUN_FILE
+                run_file.write_text(json.dumps({"run_id": run_id, "global_step": global_step}))
         previews = coordinator.preview_payloads(self.preview_count)
         if self._exchange(P.TASK_PREVIEW, previews, abort_signal, fl_ctx) is None:
             return
         self._write_summary(config, sites, timings, waits)
         self.log_info(fl_ctx, f"ModalityBank finished; checkpoint in {self.out_dir / 'checkpoint'}")
 
-    def _register(self, abort_signal: Signal, fl_ctx: FLContext) -> list[SiteState] | None:
+    def _run_identity(self, fl_ctx: FLContext) -> tuple[str, int | None]:
+        """The run's id and, when resuming, the global step of the checkpoint resumed from."""
+        if not self.resume_from:
+            return uuid.uuid4().hex[:12], None
+        run_file = Path(self.resume_from) / RUN_FILE
+        if not run_file.is_file():  # a checkpoint written before runs had ids
+            self.log_warning(fl_ctx, f"{run_file} missing: the sites' discriminators start afresh")
+            return uuid.uuid4().hex[:12], None
+        run = json.loads(run_file.read_text())
+        return str(run["run_id"]), int(run["global_step"])
+
+    def _register(
+        self, abort_signal: Signal, fl_ctx: FLContext, run_id: str, resume_step: int | None
+    ) -> list[SiteState] | None:
         """Ask every site for its keys (and masks, where the site shares them)."""
         site_config = {
             "image_size": self.config_args["image_size"],
             "slices": self.slices,
             "seed": self.config_args["seed"],
             "batch_size": self.config_args["batch_size"],
+            P.RUN_ID: run_id,
+            P.RESUME_STEP: resume_step,
         }
         task = Task(
             name=P.TASK_REGISTER,

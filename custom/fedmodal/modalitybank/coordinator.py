@@ -93,8 +93,12 @@ class StepCoordinator:
         self.rng = rng
         self._plan: _Plan | None = None
 
-    def step_payloads(self) -> dict[str, dict]:
-        """Per site: its keys, augmentation table and fakes of the modalities it holds."""
+    def step_payloads(self, checkpoint_step: int | None = None) -> dict[str, dict]:
+        """Per site: its keys, augmentation table and fakes of the modalities it holds.
+
+        `checkpoint_step`: the server checkpoints after this step, at this global step; the sites
+        then save their discriminators under it.
+        """
         trainer, config = self.trainer, self.trainer.config
         active = trainer.active_modalities()
         batches = {}
@@ -132,6 +136,7 @@ class StepCoordinator:
                 P.PHASE_STEPS: trainer.phase_steps,
                 P.KEYS: list(keys),
                 P.AUGMENT: augment.table,
+                P.CHECKPOINT: checkpoint_step,
             }
             for modality in modalities:
                 payload[P.FAKE_PREFIX + modality] = self._fake_slice(modality, name).detach().cpu().numpy()

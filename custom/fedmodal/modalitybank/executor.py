@@ -41,6 +41,11 @@ class ModalityBankExecutor(Executor):
         seed: run seed (the site's seed is derived from it and the site's name).
         device: "auto", "cpu" or "cuda[:i]".
         num_threads: torch CPU threads at this site (0 keeps torch's default).
+        state_dir: where the site keeps its discriminators at each server checkpoint (per site
+            and run), so that a run resumed with the controller's `resume_from` continues with
+            them. Empty means `modalitybank_state/` in the site's NVFlare workspace, which lasts
+            across jobs in a deployment; the simulator wipes its workspace on every run, so
+            point this elsewhere there.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class ModalityBankExecutor(Executor):
         seed: int = 0,
         device: str = "auto",
         num_threads: int = 0,
+        state_dir: str = "",
     ):
         super().__init__()
         self.data_root = data_root
@@ -69,6 +75,7 @@ class ModalityBankExecutor(Executor):
         self.seed = seed
         self.device_name = device
         self.num_threads = num_threads
+        self.state_dir = state_dir
         self.worker: SiteWorker | None = None
         self._direct_registered = False
 
@@ -98,7 +105,10 @@ class ModalityBankExecutor(Executor):
         try:
             payload = from_shareable(shareable).data
             if task_name == P.TASK_REGISTER:
-                self.worker = self._build_worker(payload[P.CONFIG], fl_ctx)
+                config = payload[P.CONFIG]
+                self.worker = self._build_worker(config, fl_ctx)
+                if config.get(P.RESUME_STEP) is not None:
+                    self.log_info(fl_ctx, self.worker.load_state(int(config[P.RESUME_STEP])))
                 reply = self.worker.registration()
             elif self.worker is None:
                 raise RuntimeError(f"site {site}: {task_name} before registration (was the site process restarted?)")
@@ -115,6 +125,11 @@ class ModalityBankExecutor(Executor):
         except Exception as e:  # the server stops the run naming this site; the trace is in this log
             self.log_exception(fl_ctx, f"site {site}: {task_name} failed: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _state_root(self, fl_ctx: FLContext) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        return Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / "modalitybank_state"
 
     def _build_worker(self, config: dict, fl_ctx: FLContext) -> SiteWorker:
         from fedmodal.data.datasets import SynthesisSlices
@@ -150,6 +165,7 @@ class ModalityBankExecutor(Executor):
             seed=seed,
             out_dir=run_dir / "modalitybank",
             device=device,
+            state_dir=self._state_root(fl_ctx) / site / str(config[P.RUN_ID]),
         )
         self.log_info(
             fl_ctx,

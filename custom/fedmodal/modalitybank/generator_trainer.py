@@ -300,10 +300,21 @@ class GeneratorTrainer:
             raise ValueError(f"cannot resume from {directory}: the checkpoint differs in {differing}")
         trainer = cls(config, device)
         state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
-        trainer.progress = TrainerProgress(**state["progress"])
+        progress = TrainerProgress(**state["progress"])
+        saved_phases = [p for p in saved_config.phases if p[1] > 0]
+        if progress.phase_index >= len(saved_config.phases) and saved_phases:
+            # A finished run: continue its last phase if `config` gives that phase more steps.
+            last = saved_phases[-1]
+            progress = TrainerProgress(phase_index=saved_config.phases.index(last), step=last[1])
+        trainer.progress = progress
         load_generator_weights(trainer.generator, directory, saved)
         trainer._enter_phase()
-        if state["optimizer"] is not None and trainer.optimizer is not None:
+        if trainer.progress.step >= trainer.phase_steps and not trainer.finished:
+            trainer.progress.phase_index, trainer.progress.step = trainer.progress.phase_index + 1, 0
+            trainer._enter_phase()
+        # The optimizer state belongs to the phase it was saved in; a later phase starts its own.
+        same_phase = not trainer.finished and trainer.progress.phase_index == progress.phase_index
+        if state["optimizer"] is not None and trainer.optimizer is not None and same_phase:
             trainer.optimizer.load_state_dict(state["optimizer"])
             trainer.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])

@@ -25,6 +25,10 @@ PHASE_STEPS = "phase_steps"
 KEYS = "keys"
 AUGMENT = "augment"
 FAKE_PREFIX = "fake/"
+CHECKPOINT = "checkpoint"  # the global step the server checkpoints after this step (or None)
+# Keys of the registration config (besides image size, slices, seed, batch size).
+RUN_ID = "run_id"  # names a training run across restarts; sites keep their state under it
+RESUME_STEP = "resume_step"  # global step a resumed run continues from (None for a fresh run)
 
 # Keys of a site's results.
 SAMPLE_KEYS = "sample_keys"  # register: opaque sample keys, in the site's order

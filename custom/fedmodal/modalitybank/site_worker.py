@@ -7,6 +7,7 @@ executor wraps it; the centralised benchmark calls it in-process with the same p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from fedmodal import MODALITIES
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.grids import mask_picture, save_grid
 from fedmodal.modalitybank.site_trainer import AdversaryConfig, SiteAdversary
+
+
+STATE_FILE = "discriminators.pt"
 
 
 class SiteWorker:
@@ -29,8 +33,10 @@ class SiteWorker:
         batch_size: batch the site draws itself when it keeps its masks.
         shares_masks: send every mask at registration (else one batch at a time).
         seed: the site's seed.
-        out_dir: where local grids and discriminator checkpoints go.
+        out_dir: where local grids and the final discriminators go.
         device: torch device.
+        state_dir: where this site keeps its discriminators at the server's checkpoints, so a
+            resumed run continues with them; None keeps nothing.
     """
 
     def __init__(
@@ -44,6 +50,7 @@ class SiteWorker:
         seed: int,
         out_dir: str | Path,
         device="cpu",
+        state_dir: str | Path | None = None,
     ):
         if len(dataset) == 0:
             raise ValueError(f"site {site_name}: no slice to train on")
@@ -52,6 +59,7 @@ class SiteWorker:
         self.batch_size = batch_size
         self.shares_masks = shares_masks
         self.out_dir = Path(out_dir)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         self.rng = np.random.default_rng(seed)
         items = [dataset[i] for i in range(len(dataset))]
         self.keys = [item["key"] for item in items]
@@ -112,7 +120,32 @@ class SiteWorker:
         reply[P.LOSSES] = losses
         if not self.shares_masks:
             reply.update(self._next_batch())
+        if payload.get(P.CHECKPOINT) is not None and self.state_dir is not None:
+            self.save_state(int(payload[P.CHECKPOINT]))
         return reply
+
+    def save_state(self, global_step: int) -> Path:
+        """Keep the discriminators (and their optimizers) as of the server's checkpoint."""
+        path = self.state_dir / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"global_step": global_step, "discriminators": self.adversary.state_dict()}, tmp)
+        os.replace(tmp, path)  # a crash never leaves a torn file
+        return path
+
+    def load_state(self, global_step: int) -> str:
+        """Load the discriminators saved at `global_step`; returns what happened, for the log."""
+        path = self.state_dir / STATE_FILE if self.state_dir is not None else None
+        if path is None or not path.is_file():
+            return f"site {self.site_name}: no saved discriminators in {self.state_dir}; they start afresh"
+        state = torch.load(path, map_location=self.adversary.device, weights_only=True)
+        if state["global_step"] != global_step:
+            return (
+                f"site {self.site_name}: the discriminators in {path} are from step {state['global_step']}, the "
+                f"server resumes at step {global_step}; they start afresh"
+            )
+        self.adversary.load_state_dict(state["discriminators"])
+        return f"site {self.site_name}: discriminators resumed from {path} (step {global_step})"
 
     def preview(self, payload: dict, name: str = "final.png") -> Path:
         """Draw mask | synthetic m | real m for every modality ("n/a" where the site has none)."""
