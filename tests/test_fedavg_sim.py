@@ -72,6 +72,9 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
         records = [json.loads(line) for line in (workspace / site / "simulate_job" / "payload_audit.jsonl").read_text().splitlines()]
         sent = [r for r in records if r["direction"] == "out"]
         assert sent and all(item["kind"] in ("array", "scalar", "dict", "string") for r in sent for item in r["items"].values())
+        # Every task is audited both ways, cross-site evaluation's submit_model included.
+        received = sorted(r["task"] for r in records if r["direction"] == "in")
+        assert received == sorted(r["task"] for r in sent) and "submit_model" in received
     assert '"fedprox_mu": 0.01' in log
     table = (server / "cross_site_val" / "cross_site_table.md").read_text()
     assert "SRV_best_FL_global_model.pt" in table and "| site-1 |" in table
