@@ -49,19 +49,19 @@ def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threa
     """One site's FedAvg work without NVFlare: per round validate, train, validate (weights stay local)."""
     import torch
 
-    from fedmodal.baselines.config import SegConfig
     from fedmodal.baselines.data import load_site, load_volumes, train_loader
+    from fedmodal.baselines.executor import SegExecutor
     from fedmodal.baselines.trainer import SegTrainer, flat_metrics
-    from fedmodal.fl.site import site_seed
+    from fedmodal.fl.site import resolve_site_root, site_seed
 
     torch.set_num_threads(num_threads)
-    args = client_args()
-    cfg = SegConfig.from_net_args(args["net"], batch_size=args["batch_size"], samples_per_case=args["samples_per_case"], lr=args["lr"], loss=args["loss"])
+    executor = SegExecutor(**client_args())  # the job's settings, built exactly as the site builds them
+    cfg = executor.cfg
     setup = time.time()
-    data = load_site(root / site, site=site)
-    seed = site_seed(args["seed"], site)
+    data = load_site(resolve_site_root(root, site), site=site, include_synthetic=cfg.include_synthetic)
+    seed = site_seed(executor.seed, site)
     loader = train_loader(data.cases("train"), cfg, seed)
-    volumes = load_volumes(data.cases("val") or data.cases("train")[:2])
+    volumes = load_volumes(data.validation_cases())
     trainer = SegTrainer(cfg, seed=seed)
     setup = time.time() - setup
     times = []
@@ -77,14 +77,12 @@ def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threa
 
 def run_local(sites: list[str], root: Path, rounds: int, local_epochs: int, parallel: bool) -> dict:
     """Time the sites' local work: all sites at once (one process each) or one after the other."""
-    command = [sys.executable, __file__, "--worker", "", "--root", str(root), "--rounds", str(rounds), "--local-epochs", str(local_epochs)]
+    options = ["--root", str(root), "--rounds", str(rounds), "--local-epochs", str(local_epochs)]
     start = time.time()
     if parallel:
-        procs = []
-        for site in sites:
-            cmd = list(command)
-            cmd[3] = site
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", site, *options], stdout=subprocess.PIPE, text=True, env=env)
+                 for site in sites]
         outputs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     else:
         outputs = [site_worker(site, root, rounds, local_epochs, 1) for site in sites]

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,9 +57,16 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
         adversary={k: client[k] for k in ("ndf", "n_layers", "lambda_l1", "l1_in_brain")},
     )
     keys = ("mode", "image_size", "ngf", "n_blocks", "modulate", "source_modality", "batch_size", "lr", "max_shift", "seed")
-    _, _, timings = train(workers, {**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps})
+    parts: dict = {}
+    _, _, timings = train(workers, {**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps}, parts=parts)
     shutil.rmtree(out, ignore_errors=True)
-    return {phase: steady_rate(t) for phase, t in timings.items()}
+    rates = {phase: steady_rate(t) for phase, t in timings.items()}
+    # Median seconds of a step's parts: the server's work against the sites' (3 sites, in turn).
+    rates["median_parts"] = {
+        phase: {part: float(np.median([s[part] for s in split[WARMUP_STEPS:]])) for part in split[0]}
+        for phase, split in parts.items()
+    }
+    return rates
 
 
 def federated(steps: int, data_root: Path, transport: str, task_request_interval: float, server_threads: int) -> dict:
@@ -99,6 +107,11 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
         "median_step_seconds": summary["median_step_seconds"],
         # Of a median step, the time the server waited for the sites (transport + site work).
         "median_wait_seconds": summary["median_wait_seconds"],
+        # The rest of a step is the server's own work (G forward, backward, update, bookkeeping).
+        "median_server_seconds": {
+            phase: float(np.median(np.subtract(t, summary["wait_seconds"][phase])[WARMUP_STEPS:]))
+            for phase, t in summary["step_seconds"].items()
+        },
         "wall_seconds": wall,
         "per_site": per_site,
     }
@@ -161,22 +174,33 @@ def run(args: argparse.Namespace) -> int:
         f"\nModalityBank, {args.steps} steps per phase, default job configuration, {os.cpu_count()} CPUs, "
         f"{args.busy} busy-loop processes beside\n"
     )
-    print("| run | pretrain steps/s | bank steps/s | ratio to the fastest central (pretrain, bank) | median wait for the sites (pretrain, bank) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| run | pretrain steps/s | bank steps/s | ratio to the fastest central (pretrain, bank) "
+        "| median wait for the sites (pretrain, bank) | median server work (pretrain, bank) |"
+    )
+    print("|---|---|---|---|---|---|")
     by_threads = results["central_steps_per_second"]
     for threads, rates in by_threads.items():
-        print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | | |")
+        print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | | | |")
     # The ratio is against the faster central configuration.
     c = {phase: max(rates[phase] for rates in by_threads.values()) for phase in ("pretrain", "bank")}
+    split_lines = [
+        f"| {threads} | {phase} | {p['generate'] * 1000:.0f} | {p['sites'] * 1000:.0f} | {p['apply'] * 1000:.0f} |"
+        for threads, rates in by_threads.items() for phase, p in rates["median_parts"].items()
+    ]
     for spec, fed in results["federated"].items():
         transport, interval, threads = spec.split(":")
-        f, w = fed["steps_per_second"], fed["median_wait_seconds"]
+        f, w, own = fed["steps_per_second"], fed["median_wait_seconds"], fed["median_server_seconds"]
         print(
             f"| simulator, {transport} steps, task_request_interval {interval} s, server {threads} thread(s) | "
             f"{f['pretrain']:.3f} | {f['bank']:.3f} | "
             f"{f['pretrain'] / c['pretrain']:.2f}, {f['bank'] / c['bank']:.2f} | "
-            f"{w['pretrain'] * 1000:.0f} ms, {w['bank'] * 1000:.0f} ms |"
+            f"{w['pretrain'] * 1000:.0f} ms, {w['bank'] * 1000:.0f} ms | "
+            f"{own['pretrain'] * 1000:.0f} ms, {own['bank'] * 1000:.0f} ms |"
         )
+    print("\n| central threads | phase | G forward (ms) | 3 sites' D steps (ms) | G backward + update (ms) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(split_lines))
     fed = next(iter(results["federated"].values()))
     print("\n| site | bytes per step (both ways) | registration bytes |\n|---|---|---|")
     for site, row in fed["per_site"].items():

@@ -14,7 +14,8 @@ provisioned):
 - sites: `privacy.json` from `provisioning/local/` (scopes whose filters run on everything
   that enters or leaves the site);
 - server: job and snapshot storage moved under `--server-storage` when given.
-Only the standard library is used, so it runs wherever `nvflare provision` does.
+Needs only the standard library and NVFlare (no torch, no fedmodal), so it runs wherever
+`nvflare provision` does.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def latest_prod_dir(path: Path) -> Path:
 
 
 def kit_kind(kit: Path) -> str | None:
+    """The kit's kind by its startup config: 'server', 'client', or None (admin kits, other folders)."""
     startup = kit / "startup"
-    for kind, marker in (("server", "fed_server.json"), ("client", "fed_client.json"), ("admin", "fed_admin.json")):
+    for kind, marker in (("server", "fed_server.json"), ("client", "fed_client.json")):
         if (startup / marker).is_file():
             return kind
     return None
@@ -114,7 +116,7 @@ def customize_prod(prod: Path, prefixes: list[str], server_storage: Path | None 
     done = {}
     for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
         kind = kit_kind(kit)
-        if kind in ("server", "client"):
+        if kind is not None:
             done[kit.name] = customize_kit(kit, kind, prefixes, server_storage)
     if not done:
         raise SystemExit(f"{prod}: no server or client kit found")

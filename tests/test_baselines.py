@@ -97,7 +97,7 @@ def test_network_shapes_both_dimensions(dims):
     size = (16,) * dims
     cfg = tiny_config(spatial_dims=dims, patch_size=size)
     trainer = SegTrainer(cfg)
-    image = torch.randn(4, *(20,) * 2, 12) if dims == 2 else torch.randn(4, 20, 20, 12)
+    image = torch.randn(4, 20, 20, 12)  # a whole volume in both cases: 2D nets score it slice by slice
     pred = trainer.predict(image, torch.tensor([True, False, True, True]))
     assert pred.shape == (20, 20, 12) and pred.dtype == np.int64
 

@@ -62,11 +62,15 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
 
+    from fedmodal.baselines.trainer import load_checkpoint
+
     server = workspace / "server" / "simulate_job"
     assert (server / "app_server" / "FL_global_model.pt").is_file(), log[-4000:]
     assert (server / "app_server" / "best_FL_global_model.pt").is_file()
     for site in ("site-1", "site-2", "site-3"):
-        assert (workspace / site / "simulate_job" / "seg" / "local_best.pt").is_file()
+        local_best = workspace / site / "simulate_job" / "seg" / "local_best.pt"
+        assert local_best.is_file()
+        assert load_checkpoint(local_best)["meta"]["fedprox_mu"] == 0.01  # the server's FedProx mu reached the site's training
         assert (server / "tb_events" / site).is_dir()  # site metrics streamed to the server
         # FedProx reached the sites; only weights and scalars left them.
         records = [json.loads(line) for line in (workspace / site / "simulate_job" / "payload_audit.jsonl").read_text().splitlines()]

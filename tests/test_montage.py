@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fedmodal.data import montage, phantoms
-from fedmodal.data.layouts import case_file_paths
+from fedmodal.data.layouts import case_file_paths, read_case_folder
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,10 @@ def _case_dir(root, info, site):
 
 
 def test_case_files_reads_aliases(fed):
+    # montage reads a case folder through layouts.read_case_folder.
     root, info = fed
-    images, seg = montage.case_files(_case_dir(root, info, "site-1"))  # 2023 names: t1n, t2w, t2f
+    case = read_case_folder(_case_dir(root, info, "site-1"), info["layout"])  # 2023 names: t1n, t2w, t2f
+    images, seg = case.images, case.seg
     assert sorted(images) == ["flair", "t1", "t2"]
     assert seg is not None and seg.name.endswith("-seg.nii.gz")
 

@@ -211,7 +211,7 @@ def test_sites_read_back_through_the_layout_discovery(tmp_path, layout):
     root = phantoms.build_federation(tmp_path / layout, layout=layout, shape=TINY, cases_per_site=2,
                                      test_cases=1, workers=1)
     info = json.loads((root / phantoms.FEDERATION_FILE).read_text())
-    folders = {**{s: v for s, v in info["sites"].items()}, "test": info["test"]}
+    folders = {**info["sites"], "test": info["test"]}
     for site, meta in folders.items():
         assert detect_release(root / site) == layout
         cases = discover_cases(root / site)
@@ -299,6 +299,7 @@ def test_default_root_follows_environment(tmp_path, monkeypatch):
     assert default.name.startswith("modalitybank-missing-seed0-96x96x62-brats2021")
     assert phantoms.default_root("fedmepd") != default
     assert phantoms.default_root(cases_per_site=2) != default
+    assert phantoms.default_root(cases_per_site=16, test_cases=10) == default  # the preset's counts: same spec
     monkeypatch.setenv("FEDMODAL_PHANTOM_ROOT", str(tmp_path / "here"))
     assert phantoms.default_root() == tmp_path / "here"
     root = phantoms.ensure_federation(shape=TINY, cases_per_site=1, test_cases=0)

@@ -58,6 +58,10 @@ class SiteData:
             return [c for name in ("train", "val", "test") for c in self.splits.get(name, [])]
         return list(self.splits.get(split, []))
 
+    def validation_cases(self) -> list[CaseFiles]:
+        """The val split, else the first two training cases (a site without one still selects models)."""
+        return self.cases("val") or self.cases("train")[:2]
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,

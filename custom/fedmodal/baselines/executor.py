@@ -86,7 +86,7 @@ class SegExecutor(Executor):
             precision=precision,
             include_synthetic=include_synthetic,
         )
-        if net and "n_modalities" in net and net["n_modalities"] != 4:
+        if net.get("n_modalities", 4) != 4:
             raise ValueError("net.n_modalities must be 4 (the canonical modalities)")
         self.data_root = data_root
         self.preset = preset
@@ -120,8 +120,7 @@ class SegExecutor(Executor):
         """Read the site's data and build the trainer, once (first task)."""
         from fedmodal.baselines.data import load_site, train_loader
         from fedmodal.baselines.trainer import SegTrainer
-        from fedmodal.fl.site import resolve_site_root
-        from fedmodal.fl.site import select_device, site_seed
+        from fedmodal.fl.site import resolve_site_root, select_device, site_seed
 
         root = resolve_site_root(self.data_root, self.site, self.preset)
         self.data = load_site(root, site=self.site, include_synthetic=self.cfg.include_synthetic)
@@ -138,10 +137,7 @@ class SegExecutor(Executor):
         from fedmodal.baselines.data import load_volumes
 
         if split not in self.volumes:
-            cases = self.data.cases(split)
-            if split == "val" and not cases:
-                cases = self.data.cases("train")[:2]  # a site without a val split still selects models
-            self.volumes[split] = load_volumes(cases)
+            self.volumes[split] = load_volumes(self.data.validation_cases() if split == "val" else self.data.cases(split))
         return self.volumes[split]
 
     # ------------------------------------------------------------------ tasks

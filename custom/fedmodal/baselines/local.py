@@ -164,10 +164,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info("training on %s (%s), modalities %s, out %s", name, data.summary()["cases"], data.modalities, out)
 
     loader = train_loader(data.cases("train"), cfg, seed)
-    val_cases = data.cases("val") or data.cases("train")[:2]
     if not data.cases("val"):
         logger.warning("%s has no validation case: validating on 2 training cases", name)
-    val_volumes = load_volumes(val_cases)
+    val_volumes = load_volumes(data.validation_cases())
     trainer = SegTrainer(cfg, device=device, seed=seed)
     meta = {"trained_modalities": list(data.modalities), "sites": [s.name for s in sites], "mode": "centralised" if len(sites) > 1 else "local"}
     (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "net": trainer.net.config(), "data": data.summary(), "root": str(root), "seed": args.seed, **meta}, indent=2))

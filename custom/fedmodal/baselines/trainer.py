@@ -1,8 +1,9 @@
 """The segmentation trainer every baseline shares: local, centralised and each FedAvg site.
 
 It knows MONAI (network, losses, sliding-window inference) and the BraTS metrics; it does not
-know NVFlare or where data lives. Read top to bottom: build -> train epochs (optionally with
-a FedProx term towards a reference model) -> predict a volume -> score cases -> checkpoint.
+know where data lives, and of NVFlare it uses only `PTFedProxLoss` (imported when FedProx is
+on). Read top to bottom: build -> train epochs (optionally with a FedProx term towards a
+reference model) -> predict a volume -> score cases -> checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 
+from fedmodal import MODALITIES
 from fedmodal.baselines.config import SegConfig
 from fedmodal.baselines.data import drop_modalities, network_input, region_targets, regions_to_label
 from fedmodal.metrics import segmentation_scores, summarise
@@ -89,7 +91,7 @@ class SegTrainer:
                 f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}. "
                 "The server persistor's model args and the site's net settings must be identical."
             )
-        state = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).to(own[k].dtype) for k, v in weights.items()}
+        state = {k: torch.as_tensor(v).to(own[k].dtype) for k, v in weights.items()}
         self.net.load_state_dict(state)
 
     # ------------------------------------------------------------------ training
@@ -136,10 +138,8 @@ class SegTrainer:
                 if should_stop is not None and should_stop():
                     return {"loss": last_loss, "steps": steps, "seconds": time.time() - start, "stopped": True}
                 image = batch["image"].to(self.device).float()
-                avail = torch.as_tensor(batch["avail"]).bool()
-                if self.cfg.modality_dropout > 0:
-                    avail = drop_modalities(avail, self.cfg.modality_dropout, self.generator)
-                x = network_input(image, avail.to(self.device), self.cfg.mask_channels)
+                avail = drop_modalities(torch.as_tensor(batch["avail"]).bool(), self.cfg.modality_dropout, self.generator)
+                x = network_input(image, avail, self.cfg.mask_channels)
                 y = region_targets(batch["label"].to(self.device), self.cfg.regions)
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
@@ -149,10 +149,10 @@ class SegTrainer:
                     loss = loss + prox(self.net, reference)
                 loss.backward()
                 self.optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())  # no per-step device sync; averaged once per epoch
                 steps += 1
                 self.steps_done += 1
-            last_loss = float(np.mean(losses)) if losses else math.nan
+            last_loss = float(torch.stack(losses).mean()) if losses else math.nan
             if on_epoch is not None:
                 on_epoch(epoch, {"loss": last_loss, "steps": len(losses), "seconds": time.time() - epoch_start})
         return {"loss": last_loss, "steps": steps, "seconds": time.time() - start, "stopped": False}
@@ -206,8 +206,6 @@ class SegTrainer:
         Returns:
             one dict per case: {"case_id", "scores": region -> metric -> value, "seconds"}.
         """
-        from fedmodal import MODALITIES
-
         results = []
         for volume in volumes:
             start = time.time()

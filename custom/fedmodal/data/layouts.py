@@ -278,7 +278,7 @@ def _nifti_stem(path: Path) -> str | None:
     return None
 
 
-def _release_of_folder(name: str) -> str | None:
+def release_of_folder(name: str) -> str | None:
     for release, pattern in CASE_ID_PATTERNS.items():
         if pattern.match(name):
             return release
@@ -293,7 +293,7 @@ def _case_parents(root: Path) -> list[tuple[Path, str | None]]:
     """
 
     def holds_cases(folder: Path) -> bool:
-        return any(p.is_dir() and _release_of_folder(p.name) for p in folder.iterdir())
+        return any(p.is_dir() and release_of_folder(p.name) for p in folder.iterdir())
 
     def with_grades(folder: Path) -> list[tuple[Path, str | None]]:
         found = [(folder, None)] if holds_cases(folder) else []
@@ -328,7 +328,7 @@ def detect_release(root: str | Path) -> str:
     counts: dict[str, int] = {}
     for parent, _grade in _case_parents(root):
         for folder in parent.iterdir():
-            release = _release_of_folder(folder.name) if folder.is_dir() else None
+            release = release_of_folder(folder.name) if folder.is_dir() else None
             if release:
                 counts[release] = counts.get(release, 0) + 1
     if not counts:
@@ -507,7 +507,7 @@ def discover_cases(root: str | Path, release: str | None = None) -> list[CaseFil
     cases = []
     for parent, grade in parents:
         for folder in sorted(parent.iterdir()):
-            if folder.is_dir() and _release_of_folder(folder.name) == release:
+            if folder.is_dir() and release_of_folder(folder.name) == release:
                 cases.append(read_case_folder(folder, release, grade))
     _assign_institutions(root, release, cases, [p for p, _ in parents])
     return sorted(cases, key=lambda c: c.case_id)

@@ -7,34 +7,17 @@ The axial slice defaults to the one with the most tumour. A modality the case la
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
 
 from fedmodal import MODALITIES
-from fedmodal.data.layouts import MODALITY_ALIASES
+from fedmodal.data.layouts import ET_LABEL, release_of_folder, read_case_folder
 
 MODALITY_TITLES = {"t1": "T1", "t1ce": "T1c", "t2": "T2", "flair": "FLAIR"}
 # BraTS's usual colours: necrosis red, oedema green, enhancing yellow (resection cavity blue).
 LABEL_COLOURS = {"necrosis": (0.9, 0.1, 0.1), "oedema": (0.1, 0.8, 0.2), "enhancing": (1.0, 0.9, 0.0),
                  "cavity": (0.2, 0.4, 1.0)}
-_FILE_TOKEN = re.compile(r"[_-]([A-Za-z0-9]+)\.nii(\.gz)?$")
-
-
-def case_files(case_dir) -> tuple[dict[str, Path], Path | None]:
-    """Modality files (canonical name -> path) and the seg file of a BraTS case folder."""
-    images, seg = {}, None
-    for path in sorted(Path(case_dir).iterdir()):
-        match = _FILE_TOKEN.search(path.name)
-        if not match or not path.is_file():
-            continue
-        token = match.group(1).lower()
-        if token == "seg":
-            seg = path
-        elif token in MODALITY_ALIASES:
-            images[MODALITY_ALIASES[token]] = path
-    return images, seg
 
 
 def _load_ras(path: Path):
@@ -44,14 +27,16 @@ def _load_ras(path: Path):
     return np.asarray(img.dataobj), img.header.get_zooms()[:3]
 
 
-def _label_names(values: set[int]) -> dict[int, str]:
-    """On-disk label value -> region: ET is 4 in BraTS 2018-2021 and 3 from 2023 (4 = cavity)."""
-    names = {1: "necrosis", 2: "oedema"}
-    if 3 in values:
-        names[3] = "enhancing"
+def _label_names(release: str | None, values: set[int]) -> dict[int, str]:
+    """On-disk label value -> region: ET is 4 in BraTS 2018-2021 and 3 from 2023 (4 = cavity).
+
+    The release (from the case folder's name) decides; for a folder named like no release,
+    the labels present do (3 present: the 2023 convention).
+    """
+    et = ET_LABEL[release] if release else (3 if 3 in values else 4)
+    names = {1: "necrosis", 2: "oedema", et: "enhancing"}
+    if et == 3:
         names[4] = "cavity"
-    else:
-        names[4] = "enhancing"
     return names
 
 
@@ -76,14 +61,14 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
     Returns:
         the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders without pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     case_dir = Path(case_dir)
-    images, seg_path = case_files(case_dir)
+    release = release_of_folder(case_dir.name)  # None: a folder not named like a BraTS case
+    case = read_case_folder(case_dir, release or "unknown")
+    images, seg_path = case.images, case.seg
     if not images and seg_path is None:
         raise FileNotFoundError(f"no BraTS NIfTI files (*_t1/_t1ce/_t2/_flair/_seg.nii[.gz]) in {case_dir}")
     volumes, zooms = {}, None
@@ -109,18 +94,20 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
     for volume in list(volumes.values()) + ([seg] if seg is not None else []):
         occupied |= (volume != 0).any(axis=2)
     if occupied.any():
-        (x0, y0), (x1, y1) = np.argwhere(occupied).min(0), np.argwhere(occupied).max(0) + 1
+        inside = np.argwhere(occupied)
+        (x0, y0), (x1, y1) = inside.min(0), inside.max(0) + 1
         pad = max(2, (x1 - x0) // 20)
         box = (slice(max(x0 - pad, 0), x1 + pad), slice(max(y0 - pad, 0), y1 + pad))
     else:
         box = (slice(None), slice(None))
     volumes = {m: v[box] for m, v in volumes.items()}
     seg = seg[box] if seg is not None else None
-    plane_shape = (seg if seg is not None else next(iter(volumes.values()))).shape[:2]
+    plane_shape = occupied[box].shape
 
     aspect = float(zooms[1]) / float(zooms[0])  # rows run along y, columns along x
     n_panels = len(MODALITIES) + 1
-    fig, axes = plt.subplots(1, n_panels, figsize=(2.6 * n_panels, 2.6 * plane_shape[1] / plane_shape[0] * aspect + 0.7))
+    fig = Figure(figsize=(2.6 * n_panels, 2.6 * plane_shape[1] / plane_shape[0] * aspect + 0.7))
+    axes = fig.subplots(1, n_panels)
     fig.patch.set_facecolor("black")
 
     def display(plane: np.ndarray) -> np.ndarray:
@@ -155,13 +142,13 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
     handles = []
     if seg is not None:
         plane = seg[:, :, slice_index]
-        names = _label_names(set(np.unique(seg).tolist()))
+        present = set(np.unique(seg).tolist())
         overlay = np.zeros(plane.shape + (4,))
-        for value, name in names.items():
+        for value, name in _label_names(release, present).items():
             hit = plane == value
             overlay[hit, :3] = LABEL_COLOURS[name]
             overlay[hit, 3] = 0.55
-            if (seg == value).any():
+            if value in present:
                 handles.append(Patch(color=LABEL_COLOURS[name], label=name))
         ax.imshow(display(overlay), origin="lower", aspect=aspect, interpolation="nearest")
         if handles:
@@ -175,7 +162,6 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=dpi, facecolor=fig.get_facecolor())
-    plt.close(fig)
     return out_png
 
 

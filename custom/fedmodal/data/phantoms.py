@@ -33,8 +33,8 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -256,7 +256,11 @@ def _mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MNI152 GM, WM, brain mask and origin, from the files inside the nilearn wheel."""
     # Local import: nilearn.datasets is slow to import. These loaders read files shipped in the
     # wheel (nilearn/datasets/data/mni_icbm152_*); nothing is downloaded.
-    from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template, load_mni152_wm_template
+    from nilearn.datasets import (
+        load_mni152_brain_mask,
+        load_mni152_gm_template,
+        load_mni152_wm_template,
+    )
 
     gm_img = load_mni152_gm_template()
     affine = gm_img.affine
@@ -633,7 +637,15 @@ def _resolve_counts(preset: Preset, cases_per_site, test_cases) -> tuple[dict[st
     return counts, n_test
 
 
-def _spec(preset: str, seed: int, shape, layout: str, cases_per_site, test_cases) -> dict:
+def _spec(
+    preset: str = DEFAULT_PRESET,
+    seed: int = 0,
+    shape=DEFAULT_SHAPE,
+    layout: str = DEFAULT_LAYOUT,
+    cases_per_site: int | dict[str, int] | None = None,
+    test_cases: int | None = None,
+) -> dict:
+    """The validated spec of a federation: the one definition of its parameters and defaults."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
     if layout not in RELEASES:
@@ -658,18 +670,18 @@ def _institution(site: str) -> str:
 
 
 def _plan(spec: dict) -> list[dict]:
-    """Every case to write: site folder, generator keys, case id and modalities."""
+    """Every case to write: site folder (also the generator's site key), index, case id, modalities."""
     preset = PRESETS[spec["preset"]]
     sites = list(preset.sites)
     jobs, number = [], 1
     for site in sites:
         for i in range(spec["cases_per_site"][site]):
-            jobs.append({"folder": site, "site": site, "index": i, "profile": site, "number": number,
+            jobs.append({"folder": site, "index": i, "profile": site, "number": number,
                          "modalities": preset.sites[site]})
             number += 1
     for i in range(spec["test_cases"]):
         # Test cases are new patients scanned at the training sites, in turn.
-        jobs.append({"folder": TEST_SITE, "site": TEST_SITE, "index": i, "profile": sites[i % len(sites)],
+        jobs.append({"folder": TEST_SITE, "index": i, "profile": sites[i % len(sites)],
                      "number": number, "modalities": MODALITIES})
         number += 1
     for job in jobs:
@@ -693,7 +705,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def write_case(job: dict, spec: dict, site_root: Path) -> dict:
     """Generate one planned case and write the files of the modalities its site holds."""
     profile = site_profile(spec["seed"], job["profile"])
-    case = generate_case(spec["seed"], job["site"], job["index"], spec["shape"], profile)
+    case = generate_case(spec["seed"], job["folder"], job["index"], spec["shape"], profile)
     paths = case_file_paths(spec["layout"], job["case_id"], job["modalities"], with_seg=True)
     for m in job["modalities"]:
         _save_nifti(case.images[m], case.affine, site_root / paths[m])
@@ -746,7 +758,7 @@ def _build_into(folder: Path, spec: dict, workers: int) -> dict:
             "modalities": list(modalities),
             "missing": [m for m in MODALITIES if m not in modalities],
             "cases": spec["cases_per_site"][site],
-            "case_ids": [r["case_id"] for r in records.get(site, [])],
+            "case_ids": [r["case_id"] for r in records[site]],
             "scanner": site_profile(spec["seed"], site).to_json(),
         }
     test = None
@@ -850,17 +862,8 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def build_federation(
-    out_dir,
-    preset: str = DEFAULT_PRESET,
-    seed: int = 0,
-    shape=DEFAULT_SHAPE,
-    layout: str = DEFAULT_LAYOUT,
-    cases_per_site: int | dict[str, int] | None = None,
-    test_cases: int | None = None,
-    overwrite: bool = False,
-    workers: int = 1,
-) -> Path:
+def build_federation(out_dir, preset: str = DEFAULT_PRESET, overwrite: bool = False, workers: int = 1,
+                     **spec_args) -> Path:
     """Build a phantom federation at ``out_dir`` and return its path.
 
     Writes ``<out_dir>/<site>/...`` BraTS-named cases (a modality a site lacks has no file), a
@@ -871,73 +874,65 @@ def build_federation(
     Args:
         out_dir: the federation's root folder.
         preset: a :data:`PRESETS` name.
-        seed: the seed every case derives from.
-        shape: grid shape over 240 x 240 x 155 mm; (240, 240, 155) is BraTS's 1 mm grid.
-        layout: BraTS release naming and ET label (:data:`fedmodal.data.layouts.RELEASES`).
-        cases_per_site: training cases per site (an int for all, or site -> count);
-            default: the preset's.
-        test_cases: size of the held-out test set; default: the preset's.
         overwrite: replace a different federation (or other files) found at ``out_dir``.
         workers: processes generating cases; the data do not depend on it. More than 1 starts
             fresh interpreters (multiprocessing "spawn"), so a calling script needs the usual
             ``if __name__ == "__main__":`` guard.
+        **spec_args: the rest of the spec, by keyword (one definition, in ``_spec``):
+
+            - seed: the seed every case derives from (default 0).
+            - shape: grid over 240 x 240 x 155 mm (default ``DEFAULT_SHAPE``); (240, 240, 155)
+              is BraTS's 1 mm grid.
+            - layout: BraTS release naming and ET label (:data:`fedmodal.data.layouts.RELEASES`,
+              default ``DEFAULT_LAYOUT``).
+            - cases_per_site: training cases per site (an int for all, or site -> count);
+              default: the preset's.
+            - test_cases: size of the held-out test set; default: the preset's.
 
     Raises:
         FileExistsError: ``out_dir`` holds something else and ``overwrite`` is False.
     """
-    spec = _spec(preset, seed, shape, layout, cases_per_site, test_cases)
-    return _build(out_dir, spec, overwrite, workers)[0]
+    return _build(out_dir, _spec(preset, **spec_args), overwrite, workers)[0]
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("FEDMODAL_CACHE") or Path.home() / ".cache" / "fedmodal").expanduser()
 
 
-def default_root(
-    preset: str = DEFAULT_PRESET,
-    seed: int = 0,
-    shape=DEFAULT_SHAPE,
-    layout: str = DEFAULT_LAYOUT,
-    cases_per_site: int | dict[str, int] | None = None,
-    test_cases: int | None = None,
-) -> Path:
-    """Where a federation lives by default.
-
-    ``$FEDMODAL_PHANTOM_ROOT`` if set; else ``$FEDMODAL_CACHE/phantoms/<name>`` (the cache
-    defaults to ``~/.cache/fedmodal``), the name spelling out the spec so that different
-    federations never share a folder.
-    """
+def _root_of(spec: dict) -> Path:
     if os.environ.get("FEDMODAL_PHANTOM_ROOT"):
         return Path(os.environ["FEDMODAL_PHANTOM_ROOT"]).expanduser()
-    spec = _spec(preset, seed, shape, layout, cases_per_site, test_cases)
-    name = f"{preset}-seed{seed}-{'x'.join(map(str, spec['shape']))}-{layout}"
-    if cases_per_site is not None or test_cases is not None:
-        counts = json.dumps([spec["cases_per_site"], spec["test_cases"]], sort_keys=True)
-        name += f"-n{zlib.crc32(counts.encode()):08x}"
+    preset = PRESETS[spec["preset"]]
+    name = f"{spec['preset']}-seed{spec['seed']}-{'x'.join(map(str, spec['shape']))}-{spec['layout']}"
+    counts = [spec["cases_per_site"], spec["test_cases"]]
+    if counts != [preset.cases_per_site, preset.test_cases]:
+        name += f"-n{zlib.crc32(json.dumps(counts, sort_keys=True).encode()):08x}"
     return _cache_dir() / "phantoms" / f"{name}-v{GENERATOR_VERSION}"
 
 
-def ensure_federation(
-    preset: str = DEFAULT_PRESET,
-    root=None,
-    seed: int = 0,
-    shape=DEFAULT_SHAPE,
-    layout: str = DEFAULT_LAYOUT,
-    cases_per_site: int | dict[str, int] | None = None,
-    test_cases: int | None = None,
-) -> Path:
+def default_root(preset: str = DEFAULT_PRESET, **spec_args) -> Path:
+    """Where a federation lives by default (``spec_args`` as :func:`build_federation`).
+
+    ``$FEDMODAL_PHANTOM_ROOT`` if set; else ``$FEDMODAL_CACHE/phantoms/<name>`` (the cache
+    defaults to ``~/.cache/fedmodal``), the name spelling out the spec so that different
+    federations never share a folder (and one spec always maps to one folder).
+    """
+    return _root_of(_spec(preset, **spec_args))
+
+
+def ensure_federation(preset: str = DEFAULT_PRESET, root=None, **spec_args) -> Path:
     """Return the root of the federation of this spec, building it on first use.
 
     Safe to call from several processes at once (the FLARE simulator starts every site
     together): one builds, the others wait and reuse its result.
 
     Args:
-        preset, seed, shape, layout, cases_per_site, test_cases: as :func:`build_federation`.
+        preset, spec_args (seed, shape, layout, cases_per_site, test_cases): as
+            :func:`build_federation`.
         root: where it lives; default :func:`default_root`.
     """
-    root = Path(root) if root is not None else default_root(preset, seed, shape, layout, cases_per_site, test_cases)
-    spec = _spec(preset, seed, shape, layout, cases_per_site, test_cases)
-    path, built = _build(root, spec, overwrite=False)
+    spec = _spec(preset, **spec_args)
+    path, built = _build(_root_of(spec) if root is None else root, spec, overwrite=False)
     if built:
         logger.info("phantoms: built %s federation at %s", preset, path)
     return path
@@ -966,9 +961,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build (or reuse) a federation and say where it is, how long it took and its size."""
-    spec_args = (args.preset, args.seed, tuple(args.shape), args.layout, args.cases_per_site, args.test_cases)
-    out = Path(args.out) if args.out else default_root(*spec_args)
-    spec = _spec(*spec_args)
+    spec = _spec(args.preset, args.seed, args.shape, args.layout, args.cases_per_site, args.test_cases)
+    out = Path(args.out) if args.out else _root_of(spec)
     start = time.perf_counter()
     try:
         root, built = _build(out, spec, overwrite=args.force, workers=args.workers)
@@ -977,7 +971,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     seconds = time.perf_counter() - start
     info = read_federation(root)
-    size = _folder_bytes(root)
+    size = info["build"]["bytes"]
     n_cases = sum(s["cases"] for s in info["sites"].values()) + (info["test"] or {}).get("cases", 0)
     verb = "built" if built else "reused (already complete)"
     print(f"{verb} {args.preset} phantom federation at {root}")

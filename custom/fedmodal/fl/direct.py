@@ -17,9 +17,11 @@ from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.utils.task_utils import apply_filters
+from nvflare.private.privacy_manager import Scope
 
-TASK_DATA = "task_data_filters"  # the server's payload to a site
-TASK_RESULT = "task_result_filters"  # the site's reply
+# NVFlare's names of the two filter chains, as scopes and runners spell them.
+TASK_DATA = Scope.TASK_DATA_FILTERS_NAME  # the server's payload to a site
+TASK_RESULT = Scope.TASK_RESULT_FILTERS_NAME  # the site's reply
 
 
 def _job_filters(fl_ctx: FLContext, chain: str) -> dict:

@@ -67,7 +67,6 @@ class InventoryExecutor(Executor):
         manifest = build_manifest(root, site=site, need_seg=self.need_seg)
         summary = {k: v for k, v in manifest.summary().items() if k not in SITE_ONLY_KEYS}
         summary = relative_to_root(summary, Path(manifest.root))
-        summary["site"] = site
         summary["data_source"] = "site data root" if data_root_is_set(self.data_root) else "phantoms"
         summary["seconds"] = round(time.time() - start, 3)
         self.log_info(fl_ctx, "summary: " + json.dumps({k: summary[k] for k in ("n_cases", "modalities", "n_problems")}))
@@ -101,6 +100,8 @@ class InventoryController(Controller):
         task = Task(name=TASK_NAME, data=request, timeout=self.task_timeout)
         self.log_info(fl_ctx, f"asking {sites} for their data inventory")
         self.broadcast_and_wait(task, fl_ctx, min_responses=min_sites, abort_signal=abort_signal)
+        if abort_signal.triggered:
+            return
 
         summaries, failures = {}, {}
         for client_task in task.client_tasks:
@@ -111,8 +112,6 @@ class InventoryController(Controller):
                 failures[name] = str(rc)
                 continue
             summaries[name] = from_shareable(result).data["summary"]
-        if abort_signal.triggered:
-            return
         inventory = {
             "job_id": fl_ctx.get_job_id(),
             "sites": [summaries[name] for name in sorted(summaries)],

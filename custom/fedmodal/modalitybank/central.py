@@ -48,8 +48,12 @@ def build_workers(
     return workers
 
 
-def train(workers: dict[str, SiteWorker], config_args: dict, log_every: int = 20):
-    """Run the protocol in-process; returns (trainer, coordinator, seconds per step by phase)."""
+def train(workers: dict[str, SiteWorker], config_args: dict, log_every: int = 20, parts: dict | None = None):
+    """Run the protocol in-process; returns (trainer, coordinator, seconds per step by phase).
+
+    `parts`, if given, is filled per phase with each step's seconds split into the server's
+    fake generation, every site's discriminator step and the server's backward pass and update.
+    """
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
     config = resolve_config(config_args, (), sites)
     trainer = GeneratorTrainer(config)
@@ -59,8 +63,15 @@ def train(workers: dict[str, SiteWorker], config_args: dict, log_every: int = 20
         phase = trainer.phase
         started = time.perf_counter()
         payloads = coordinator.step_payloads()
-        coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
-        timings.setdefault(phase, []).append(time.perf_counter() - started)
+        generated = time.perf_counter()
+        replies = {n: workers[n].step(p) for n, p in payloads.items()}
+        answered = time.perf_counter()
+        coordinator.finish_step(replies)
+        finished = time.perf_counter()
+        timings.setdefault(phase, []).append(finished - started)
+        if parts is not None:
+            split = {"generate": generated - started, "sites": answered - generated, "apply": finished - answered}
+            parts.setdefault(phase, []).append(split)
         if len(timings[phase]) % log_every == 0:
             logger.info("%s step %d: %.2f steps/s", phase, len(timings[phase]), log_every / sum(timings[phase][-log_every:]))
     return trainer, coordinator, timings

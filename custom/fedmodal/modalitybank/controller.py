@@ -193,8 +193,9 @@ class ModalityBankController(Controller):
         global_step = sum(n for _, n in config.phases[: trainer.progress.phase_index]) + trainer.progress.step
         while not trainer.finished:
             phase, step, phase_steps = trainer.phase, trainer.progress.step, trainer.phase_steps
+            phase_ends = step + 1 >= phase_steps
             # Checkpoints at phase ends and every checkpoint_every steps; the sites save with them.
-            saves = step + 1 >= phase_steps or bool(self.checkpoint_every and (global_step + 1) % self.checkpoint_every == 0)
+            saves = phase_ends or bool(self.checkpoint_every and (global_step + 1) % self.checkpoint_every == 0)
             started = time.perf_counter()
             payloads = coordinator.step_payloads(checkpoint_step=global_step + 1 if saves else None)
             sent = time.perf_counter()
@@ -211,8 +212,7 @@ class ModalityBankController(Controller):
             waits.setdefault(phase, []).append(received - sent)
             global_step += 1
             self._record_losses(losses, global_step)
-            phase_done = trainer.finished or trainer.phase != phase
-            if (step + 1) % self.log_every == 0 or phase_done:
+            if (step + 1) % self.log_every == 0 or phase_ends:
                 recent = timings[phase][-self.log_every :]
                 rate = len(recent) / max(sum(recent), 1e-9)
                 record = {
@@ -318,15 +318,7 @@ class ModalityBankController(Controller):
                     fl_ctx,
                 )
                 return None
-        out = {}
-        for name in sorted(replies):
-            result = replies[name]
-            code = None if result is None else result.get_return_code()
-            if code != ReturnCode.OK:
-                self.system_panic(f"site {name} failed {task_name} (return code {code}); see its log", fl_ctx)
-                return None
-            out[name] = from_shareable(result).data
-        return out
+        return self._reply_data(task_name, replies, fl_ctx)
 
     def _exchange_direct(self, task_name: str, payloads: dict[str, dict], fl_ctx: FLContext):
         """Like `_exchange`, but pushed as aux messages (fedmodal.fl.direct): no poll to wait for."""
@@ -351,13 +343,17 @@ class ModalityBankController(Controller):
         if self.senders is None:
             self.senders = ThreadPoolExecutor(max_workers=len(payloads), thread_name_prefix="mb-direct")
         replies = dict(zip(payloads, self.senders.map(send, list(payloads))))
+        if fl_ctx.get_run_abort_signal() and fl_ctx.get_run_abort_signal().triggered:
+            return None
+        return self._reply_data(task_name, replies, fl_ctx)
+
+    def _reply_data(self, task_name: str, replies: dict[str, Shareable | None], fl_ctx: FLContext) -> dict | None:
+        """Each site's reply data, in site order; the run stops at the first site that failed."""
         out = {}
-        for name in sorted(payloads):
-            result = replies.get(name)
+        for name in sorted(replies):
+            result = replies[name]
             code = None if result is None else result.get_return_code()
             if code != ReturnCode.OK:
-                if fl_ctx.get_run_abort_signal() and fl_ctx.get_run_abort_signal().triggered:
-                    return None
                 if code in SITE_REPORTED:
                     reason = "see its log"
                 else:  # the message got no answer: the site's process is gone, hung or unreachable

@@ -171,9 +171,15 @@ class SiteAdversary:
             self._discriminator(modality).load_state_dict(entry["net"])
             self.optimizers[modality].load_state_dict(entry["opt"])
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, **meta) -> None:
+        """Write every discriminator and optimizer (plus `meta`, e.g. the step) atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        torch.save({**meta, "discriminators": self.state_dict()}, tmp)
+        os.replace(tmp, path)  # a crash never leaves a torn file
+
+    @staticmethod
+    def read(path: str | os.PathLike, device="cpu") -> dict:
+        """What `save` wrote: {"discriminators": state, **meta}."""
+        return torch.load(path, map_location=device, weights_only=True)

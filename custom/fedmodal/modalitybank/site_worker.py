@@ -7,7 +7,6 @@ executor wraps it; the centralised benchmark calls it in-process with the same p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +126,7 @@ class SiteWorker:
     def save_state(self, global_step: int) -> Path:
         """Keep the discriminators (and their optimizers) as of the server's checkpoint."""
         path = self.state_dir / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"global_step": global_step, "discriminators": self.adversary.state_dict()}, tmp)
-        os.replace(tmp, path)  # a crash never leaves a torn file
+        self.adversary.save(path, global_step=global_step)
         return path
 
     def load_state(self, global_step: int) -> str:
@@ -138,7 +134,7 @@ class SiteWorker:
         path = self.state_dir / STATE_FILE if self.state_dir is not None else None
         if path is None or not path.is_file():
             return f"site {self.site_name}: no saved discriminators in {self.state_dir}; they start afresh"
-        state = torch.load(path, map_location=self.adversary.device, weights_only=True)
+        state = SiteAdversary.read(path, self.adversary.device)
         if state["global_step"] != global_step:
             return (
                 f"site {self.site_name}: the discriminators in {path} are from step {state['global_step']}, the "
@@ -165,4 +161,4 @@ class SiteWorker:
         return save_grid(rows, titles, self.out_dir / "grids" / name, f"{self.site_name}: synthetic vs real")
 
     def save(self) -> None:
-        self.adversary.save(self.out_dir / "discriminators.pt")
+        self.adversary.save(self.out_dir / STATE_FILE)

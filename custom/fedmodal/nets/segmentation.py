@@ -14,8 +14,9 @@ import torch
 from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
+from fedmodal.metrics import REGIONS
+
 ARCHITECTURES = ("unet", "basicunet")
-REGIONS = ("WT", "TC", "ET")
 
 
 class SegmentationNet(nn.Module):
@@ -59,16 +60,13 @@ class SegmentationNet(nn.Module):
             raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
         if roi_size is not None and len(roi_size) != spatial_dims:
             raise ValueError(f"roi_size {tuple(roi_size)} does not have {spatial_dims} dimensions")
-        self.spatial_dims = spatial_dims
         self.regions = regions
-        self.n_modalities = n_modalities
-        self.mask_channels = bool(mask_channels)
-        self.in_channels = n_modalities * (2 if mask_channels else 1)
+        in_channels = n_modalities * (2 if mask_channels else 1)
         self._config: dict[str, Any] = {
             "spatial_dims": spatial_dims,
             "regions": list(regions),
             "n_modalities": n_modalities,
-            "mask_channels": self.mask_channels,
+            "mask_channels": bool(mask_channels),
             "arch": arch,
             "channels": [int(c) for c in channels],
             "num_res_units": int(num_res_units),
@@ -78,7 +76,7 @@ class SegmentationNet(nn.Module):
         if arch == "unet":
             self.net = UNet(
                 spatial_dims=spatial_dims,
-                in_channels=self.in_channels,
+                in_channels=in_channels,
                 out_channels=len(regions),
                 channels=tuple(channels),
                 strides=(2,) * (len(channels) - 1),
@@ -91,7 +89,7 @@ class SegmentationNet(nn.Module):
                 raise ValueError(f"basicunet needs 6 feature sizes, got {tuple(channels)}")
             self.net = BasicUNet(
                 spatial_dims=spatial_dims,
-                in_channels=self.in_channels,
+                in_channels=in_channels,
                 out_channels=len(regions),
                 features=tuple(channels),
                 dropout=dropout,
