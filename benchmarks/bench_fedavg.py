@@ -31,15 +31,16 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-JOB = REPO / "jobs" / "fedavg"
-SIMULATOR_LOCAL = REPO / "simulator_workspace" / "local"  # the class allow-list admitting fedmodal.*
 TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 
-def client_args() -> dict:
-    """The executor args of jobs/fedavg (so the local runs do exactly the job's work)."""
-    client = json.loads((JOB / "app" / "config" / "config_fed_client.json").read_text())
-    return client["executors"][0]["executor"]["args"]
+def job_settings(**values) -> dict:
+    """jobs/fedavg's settings by section (fedmodal.jobs), with `values` changed."""
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import route_settings
+
+    spec = JOBS["fedavg"]
+    return spec.settings(route_settings(spec, values))
 
 
 # ----------------------------------------------------------------------------- no federation
@@ -49,20 +50,19 @@ def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threa
     """One site's FedAvg work without NVFlare: per round validate, train, validate (weights stay local)."""
     import torch
 
-    from fedmodal.baselines.data import load_site, load_volumes, train_loader
-    from fedmodal.baselines.executor import SegExecutor
+    from fedmodal.baselines.data import load_volumes, site_data, train_loader
     from fedmodal.baselines.trainer import SegTrainer, flat_metrics
-    from fedmodal.fl.site import resolve_site_root, site_seed
+    from fedmodal.fl.site import prepare_site
 
     torch.set_num_threads(num_threads)
-    executor = SegExecutor(**client_args())  # the job's settings, built exactly as the site builds them
-    cfg = executor.cfg
+    settings = job_settings(**{"site.data_root": str(root)})  # the job's settings: the site's exact work
+    cfg = settings["seg"]
     setup = time.time()
-    data = load_site(resolve_site_root(root, site), site=site, include_synthetic=cfg.include_synthetic)
-    seed = site_seed(executor.seed, site)
-    loader = train_loader(data.cases("train"), cfg, seed)
+    site_ = prepare_site(site, settings["site"], settings["fedavg"].seed, include_synthetic=cfg.include_synthetic)
+    data = site_data(site_.manifest, cfg.include_synthetic)
+    loader = train_loader(data.cases("train"), cfg, site_.seed)
     volumes = load_volumes(data.validation_cases())
-    trainer = SegTrainer(cfg, seed=seed)
+    trainer = SegTrainer(cfg, seed=site_.seed)
     setup = time.time() - setup
     times = []
     for _ in range(rounds):
@@ -100,17 +100,17 @@ def run_local(sites: list[str], root: Path, rounds: int, local_epochs: int, para
 
 def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, work: Path) -> dict:
     """Run jobs/fedavg (no cross-site evaluation) in the simulator; seconds per round from the server log."""
-    job = work / "fedavg"
-    shutil.copytree(JOB, job)
+    from fedmodal.fl.allow_list import customize_simulator
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import export_job, route_settings
+
+    spec = JOBS["fedavg"]
+    job = export_job(spec, work, route_settings(spec, {"num_rounds": rounds, "local_epochs": local_epochs}))
     server_path = job / "app" / "config" / "config_fed_server.json"
-    client_path = job / "app" / "config" / "config_fed_client.json"
-    server, client = json.loads(server_path.read_text()), json.loads(client_path.read_text())
-    server["workflows"] = [w for w in server["workflows"] if w["id"] == "fedavg"]
-    server["workflows"][0]["args"]["num_rounds"] = rounds
-    client["executors"][0]["executor"]["args"]["local_epochs"] = local_epochs
+    server = json.loads(server_path.read_text())
+    server["workflows"] = [w for w in server["workflows"] if w["id"] == "fedavg"]  # no cross-site evaluation
     server_path.write_text(json.dumps(server, indent=2))
-    client_path.write_text(json.dumps(client, indent=2))
-    shutil.copytree(SIMULATOR_LOCAL, work / "ws" / "local")
+    customize_simulator(work / "ws")
     env = {**os.environ, "HOME": str(work / "home"), "FEDMODAL_DATA_ROOT": str(root), "OMP_NUM_THREADS": "1"}
     nvflare = Path(sys.executable).with_name("nvflare")
     command = [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", str(len(sites)), "-t", str(len(sites))]
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedmodal.baselines.local import resolve_root
 
     root = resolve_root(args.data_root, "modalitybank-missing")
-    epochs = args.local_epochs or int(client_args()["local_epochs"])
+    epochs = args.local_epochs or job_settings()["fedavg"].local_epochs
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench-fedavg-") as work:
         fed = run_simulator(args.sites, root, args.rounds, epochs, Path(work))

@@ -25,13 +25,15 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-JOB = REPO / "jobs" / "modalitybank"
 
 
-def job_args() -> tuple[dict, dict]:
-    server = json.loads((JOB / "app/config/config_fed_server.json").read_text())["workflows"][0]["args"]
-    client = json.loads((JOB / "app/config/config_fed_client.json").read_text())["executors"][0]["executor"]["args"]
-    return server, client
+def job_settings(**values) -> dict:
+    """jobs/modalitybank's settings by section (fedmodal.jobs), with `values` changed."""
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import route_settings
+
+    spec = JOBS["modalitybank"]
+    return spec.settings(route_settings(spec, values))
 
 
 WARMUP_STEPS = 3  # the first steps of a phase pay one-off costs (allocation, lazy layers): not timed
@@ -49,16 +51,14 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
 
-    server, client = job_args()
+    settings = job_settings(pretrain_steps=steps, bank_steps=steps)  # the job's own configuration
     out = Path(tempfile.mkdtemp(prefix="mb-central-"))
     workers = build_workers(
-        {site: data_root / site for site in ("site-1", "site-2", "site-3")},
-        server["image_size"], server["slices"], server["batch_size"], server["seed"], out, split=client["split"],
-        adversary={k: client[k] for k in ("ndf", "n_layers", "lambda_l1", "l1_in_brain")},
+        {site: data_root / site for site in ("site-1", "site-2", "site-3")}, settings["generator"], out,
+        slices=settings["server"].slices, site=settings["site"], adversary=settings["adversary"],
     )
-    keys = ("mode", "image_size", "ngf", "n_blocks", "modulate", "source_modality", "batch_size", "lr", "max_shift", "seed")
     parts: dict = {}
-    _, _, timings = train(workers, {**{k: server[k] for k in keys}, "pretrain_steps": steps, "bank_steps": steps}, parts=parts)
+    _, _, timings = train(workers, settings["generator"], parts=parts)
     shutil.rmtree(out, ignore_errors=True)
     rates = {phase: steady_rate(t) for phase, t in timings.items()}
     # Median seconds of a step's parts: the server's work against the sites' (3 sites, in turn).
@@ -71,18 +71,20 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
 
 def federated(steps: int, data_root: Path, transport: str, task_request_interval: float, server_threads: int) -> dict:
     """Steps per second per phase and bytes per step per site, from a simulator run."""
+    from fedmodal.fl.allow_list import customize_simulator
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import export_job, route_settings
+
     work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
-    job = work / "job"
-    shutil.copytree(JOB, job)
+    spec = JOBS["modalitybank"]
+    values = {"pretrain_steps": steps, "bank_steps": steps, "sample_every": 0, "log_every": 10,
+              "server.num_threads": server_threads, "step_transport": transport}
+    job = export_job(spec, work / "jobs", route_settings(spec, values))
     server_file = job / "app/config/config_fed_server.json"
     config = json.loads(server_file.read_text())
     config["server"]["task_request_interval"] = task_request_interval
-    config["workflows"][0]["args"].update(
-        pretrain_steps=steps, bank_steps=steps, sample_every=0, log_every=10, num_threads=server_threads,
-        step_transport=transport,
-    )
     server_file.write_text(json.dumps(config))
-    shutil.copytree(REPO / "simulator_workspace" / "local", work / "ws" / "local")  # the allow-list
+    customize_simulator(work / "ws")  # the allow-list
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
     nvflare = Path(sys.executable).with_name("nvflare")
     started = time.perf_counter()
@@ -121,9 +123,9 @@ def bank_sizes() -> list[dict]:
     from fedmodal.nets import madafm
     from fedmodal.nets.generator import ResnetGenerator
 
-    server, _ = job_args()
+    generator = job_settings()["generator"]
     rows = []
-    for ngf, blocks, label in ((server["ngf"], server["n_blocks"], "default job"), (64, 9, "paper")):
+    for ngf, blocks, label in ((generator.ngf, generator.n_blocks, "default job"), (64, 9, "paper")):
         for target in ("resblocks", "all"):
             g = madafm.modulate(ResnetGenerator(2, 2, 1, ngf=ngf, n_blocks=blocks), target=target, modalities=("t2",))
             counts = madafm.count_parameters(g, "t2")

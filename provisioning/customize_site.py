@@ -14,13 +14,15 @@ provisioned):
 - sites: `privacy.json` from `provisioning/local/` (scopes whose filters run on everything
   that enters or leaves the site);
 - server: job and snapshot storage moved under `--server-storage` when given.
-Needs only the standard library and NVFlare (no torch, no fedmodal), so it runs wherever
-`nvflare provision` does.
+Needs only the standard library and NVFlare (no torch, no installed fedmodal), so it runs
+wherever `nvflare provision` does: the allow-list itself is read from the repository's
+`custom/fedmodal/fl/allow_list.py`, its one definition.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -29,9 +31,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POLICY_DIR = HERE / "local"
-FEDMODAL_PREFIX = "fedmodal."
-# NVFlare classes that fedmodal jobs name but NVFlare's default allow-list lacks.
-NVFLARE_EXTRAS = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",)
+
+
+def _load_allow_list():
+    path = HERE.parent / "custom" / "fedmodal" / "fl" / "allow_list.py"
+    spec = importlib.util.spec_from_file_location("fedmodal_allow_list", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_allow = _load_allow_list()
+FEDMODAL_PREFIX, NVFLARE_EXTRAS = _allow.FEDMODAL_PREFIX, _allow.NVFLARE_EXTRAS
+with_allow_list, write_json, customize_simulator = _allow.with_allow_list, _allow.write_json, _allow.customize_simulator
 
 
 def latest_prod_dir(path: Path) -> Path:
@@ -53,20 +65,6 @@ def kit_kind(kit: Path) -> str | None:
     return None
 
 
-def with_allow_list(resources: dict, prefixes: list[str]) -> dict:
-    """The resources with `prefixes` appended to `class_allow_list` (NVFlare's default list if absent)."""
-    if "class_allow_list" not in resources:
-        from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
-        resources["class_allow_list"] = list(DEFAULT_CLASS_ALLOW_LIST)
-    allow = resources["class_allow_list"]
-    for prefix in prefixes:
-        if prefix not in allow:
-            allow.append(prefix)
-    resources["class_list_enforcement_mode"] = "enforce"
-    return resources
-
-
 def set_server_storage(resources: dict, storage: Path) -> dict:
     """Point the job store and the snapshot store under `storage` (NVFlare defaults to /tmp/nvflare)."""
     storage = storage.expanduser().absolute()
@@ -82,15 +80,6 @@ def set_server_storage(resources: dict, storage: Path) -> dict:
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    tmp.replace(path)
 
 
 def customize_kit(kit: Path, kind: str, prefixes: list[str], server_storage: Path | None) -> list[str]:
@@ -121,15 +110,6 @@ def customize_prod(prod: Path, prefixes: list[str], server_storage: Path | None 
     if not done:
         raise SystemExit(f"{prod}: no server or client kit found")
     return done
-
-
-def customize_simulator(workspace: Path, prefixes: list[str]) -> Path:
-    """`<workspace>/local/resources.json` with the allow-list: `nvflare simulator -w <workspace>`
-    copies `<workspace>/local/` into every simulated site and keeps it between runs."""
-    path = workspace / "local" / "resources.json"
-    resources = read_json(path) if path.is_file() else {"format_version": 2}
-    write_json(path, with_allow_list(resources, prefixes))
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

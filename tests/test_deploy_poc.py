@@ -164,17 +164,13 @@ def job_copy(dest: Path, job: Path = JOB) -> str:
 
 
 def tiny_modalitybank(dest: Path) -> str:
-    """A copy of jobs/modalitybank at the simulator test's tiny size (its step transport as shipped)."""
-    folder = Path(job_copy(dest, MB_JOB))
-    server = folder / "app" / "config" / "config_fed_server.json"
-    config = json.loads(server.read_text())
-    config["workflows"][0]["args"].update(MB_TINY_SERVER)
-    server.write_text(json.dumps(config, indent=2))
-    client = folder / "app" / "config" / "config_fed_client.json"
-    config = json.loads(client.read_text())
-    config["executors"][0]["executor"]["args"].update(MB_TINY_SITE)
-    client.write_text(json.dumps(config, indent=2))
-    return str(folder)
+    """jobs/modalitybank at the simulator test's tiny size (its step transport as shipped): the
+    recipe's export, which the FLARE API then signs in place."""
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import export_job, route_settings
+
+    spec = JOBS["modalitybank"]
+    return str(export_job(spec, dest, route_settings(spec, {**MB_TINY_SERVER, **MB_TINY_SITE})))
 
 
 def log_tails(federation: dict, job_id: str, lines: int = 12) -> str:
@@ -327,7 +323,7 @@ def test_modalitybank_direct_steps_across_processes(federation, tmp_path):
     sess, prod = federation["admin"], federation["prod"]
     job = tiny_modalitybank(tmp_path / "submit")
     server_args = json.loads(Path(job, "app", "config", "config_fed_server.json").read_text())["workflows"][0]["args"]
-    assert server_args["step_transport"] == "direct"
+    assert server_args["server"]["step_transport"] == "direct"
     t0 = time.time()
     job_id = sess.submit_job(job)
     meta = sess.wait_for_job(job_id, timeout=MB_JOB_TIMEOUT, poll_interval=1.0)

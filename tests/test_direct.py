@@ -12,7 +12,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.private.privacy_manager import Scope
 
-from fedmodal.fl.direct import TASK_DATA, TASK_RESULT, filter_like_task
+from fedmodal.fl.direct import TASK_DATA, TASK_RESULT, direct_handler, filter_like_task
 
 
 class Stamp(Filter):
@@ -97,13 +97,13 @@ def test_site_executor_refuses_a_step_its_filters_refuse():
     from fedmodal.modalitybank import protocol as P
     from fedmodal.modalitybank.executor import ModalityBankExecutor
 
-    executor = ModalityBankExecutor()
+    step = direct_handler(ModalityBankExecutor().execute)
     refuse_data = site_context(None, {TASK_DATA: {f"{P.TASK_STEP}/in": [Refuse()]}, TASK_RESULT: {}})
-    reply = executor._direct_step(P.TASK_STEP, payload(), refuse_data)
+    reply = step(P.TASK_STEP, payload(), refuse_data)
     assert reply.get_return_code() == ReturnCode.TASK_DATA_FILTER_ERROR
 
     refuse_result = site_context(None, {TASK_DATA: {}, TASK_RESULT: {f"{P.TASK_STEP}/out": [Refuse()]}})
-    reply = executor._direct_step(P.TASK_STEP, payload(), refuse_result)
+    reply = step(P.TASK_STEP, payload(), refuse_result)
     assert reply.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     assert "grad/t2" not in reply  # the refused payload is not passed on
 
@@ -114,5 +114,5 @@ def test_site_executor_answers_a_step_before_registration_with_an_error():
     from fedmodal.modalitybank import protocol as P
     from fedmodal.modalitybank.executor import ModalityBankExecutor
 
-    reply = ModalityBankExecutor()._direct_step(P.TASK_STEP, payload(), site_context(None, {TASK_DATA: {}, TASK_RESULT: {}}))
+    reply = direct_handler(ModalityBankExecutor().execute)(P.TASK_STEP, payload(), site_context(None, {TASK_DATA: {}, TASK_RESULT: {}}))
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION

@@ -19,7 +19,7 @@ SIMULATOR_LOCAL = REPO / "simulator_workspace" / "local"  # the class allow-list
 
 pytestmark = pytest.mark.integration
 
-TINY_NET = {"channels": [4, 8, 16], "roi_size": [32, 32]}
+TINY = {"seg.net": "unet2d-wt-tiny", "local_epochs": 1, "batch_size": 4, "samples_per_case": 2}
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +30,13 @@ def tiny_federation(tmp_path_factory) -> Path:
 
 
 def tiny_job(dst: Path, rounds: int = 2, fedprox_mu: float = 0.01) -> Path:
-    """A copy of jobs/fedavg with a tiny network, 2 rounds, 1 local epoch, FedProx on."""
-    job = dst / "fedavg"
-    shutil.copytree(JOB, job)
-    server_path = job / "app" / "config" / "config_fed_server.json"
-    client_path = job / "app" / "config" / "config_fed_client.json"
-    server, client = json.loads(server_path.read_text()), json.loads(client_path.read_text())
-    for component in server["components"]:
-        if component["id"] == "persistor":
-            component["args"]["model"]["args"].update(TINY_NET)
-    for workflow in server["workflows"]:
-        if workflow["id"] == "fedavg":
-            workflow["args"].update(num_rounds=rounds, fedprox_mu=fedprox_mu)
-    args = client["executors"][0]["executor"]["args"]
-    args["net"].update(TINY_NET)
-    args.update(local_epochs=1, batch_size=4, samples_per_case=2)
-    server_path.write_text(json.dumps(server, indent=2))
-    client_path.write_text(json.dumps(client, indent=2))
-    return job
+    """jobs/fedavg with a tiny network, 2 rounds, 1 local epoch, FedProx on: the recipe's export."""
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import export_job, route_settings
+
+    spec = JOBS["fedavg"]
+    values = {**TINY, "num_rounds": rounds, "fedprox_mu": fedprox_mu}
+    return export_job(spec, dst, route_settings(spec, values))
 
 
 def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path):

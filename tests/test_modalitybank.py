@@ -13,7 +13,8 @@ from fedmodal.data.phantoms import build_federation
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
 from fedmodal.modalitybank.generator_trainer import GeneratorTrainer, load_trained_generator
-from fedmodal.modalitybank.site_trainer import AdversaryConfig, SiteAdversary
+from fedmodal.modalitybank.config import AdversaryConfig, GeneratorConfig
+from fedmodal.modalitybank.site_trainer import SiteAdversary
 from fedmodal.modalitybank.site_worker import SiteWorker
 from fedmodal.nets import madafm
 
@@ -43,7 +44,7 @@ def make_workers(site_slices, tmp_path, shares=None, adversary=None):
             site,
             dataset,
             modalities,
-            adversary or AdversaryConfig(ndf=8, n_layers=2, seed=seed),
+            adversary or AdversaryConfig(ndf=8, n_layers=2),
             batch_size=TINY["batch_size"],
             shares_masks=shares.get(site, True),
             seed=seed,
@@ -55,7 +56,7 @@ def make_workers(site_slices, tmp_path, shares=None, adversary=None):
 def start(workers, config_args=None):
     """Register every worker and set up the server's trainer and coordinator."""
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
-    trainer = GeneratorTrainer(resolve_config({**TINY, **(config_args or {})}, (), sites))
+    trainer = GeneratorTrainer(resolve_config(GeneratorConfig.from_dict({**TINY, **(config_args or {})}), sites))
     return trainer, StepCoordinator(trainer, sites, np.random.default_rng(0)), sites
 
 
@@ -172,7 +173,7 @@ def test_checkpoint_round_trip_and_resume(site_slices, tmp_path):
     # Resume mid-way: stop after the pretraining phase, rebuild from disk, finish.
     workers = make_workers(site_slices, tmp_path)
     sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
-    config = resolve_config(TINY, (), sites)
+    config = resolve_config(GeneratorConfig.from_dict(TINY), sites)
     first = GeneratorTrainer(config)
     coordinator = StepCoordinator(first, sites, np.random.default_rng(0))
     while first.phase == "pretrain":
@@ -184,7 +185,7 @@ def test_checkpoint_round_trip_and_resume(site_slices, tmp_path):
     for key, value in madafm.frozen_state_dict(first.generator).items():
         assert torch.equal(madafm.frozen_state_dict(resumed.generator)[key], value)
     with pytest.raises(ValueError, match="differs in"):
-        GeneratorTrainer.resume(tmp_path / "mid", resolve_config({**TINY, "ngf": 16}, (), sites))
+        GeneratorTrainer.resume(tmp_path / "mid", resolve_config(GeneratorConfig.from_dict({**TINY, "ngf": 16}), sites))
 
 
 def test_resume_a_finished_run_to_train_its_last_phase_longer(site_slices, tmp_path):
@@ -198,7 +199,7 @@ def test_resume_a_finished_run_to_train_its_last_phase_longer(site_slices, tmp_p
     same = GeneratorTrainer.resume(tmp_path / "done", config)
     assert same.finished  # nothing more to train
 
-    longer = GeneratorTrainer.resume(tmp_path / "done", resolve_config({**TINY, "bank_steps": TINY["bank_steps"] + 2}, (), sites))
+    longer = GeneratorTrainer.resume(tmp_path / "done", resolve_config(GeneratorConfig.from_dict({**TINY, "bank_steps": TINY["bank_steps"] + 2}), sites))
     assert not longer.finished and longer.phase == "bank" and longer.progress.step == TINY["bank_steps"]
     saved_state = torch.load(tmp_path / "done" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
     assert longer.optimizer.state_dict()["state"].keys() == saved_state.keys()  # Adam's moments carried over
@@ -253,7 +254,7 @@ def test_bad_site_replies_are_refused(site_slices, tmp_path):
     with pytest.raises(KeyError, match="unknown sample keys"):
         workers["site-1"].step({**payloads["site-1"], P.KEYS: ["nope/z1"] * TINY["batch_size"]})
     with pytest.raises(ValueError, match="held by no site"):
-        resolve_config(TINY, ("t1", "t1ce"), [s for s in sites if s.name == "site-1"])
+        resolve_config(GeneratorConfig.from_dict({**TINY, "target_modalities": ("t1", "t1ce")}), [s for s in sites if s.name == "site-1"])
 
 
 def test_asyndgan_mode_has_no_bank(site_slices, tmp_path):
@@ -272,7 +273,7 @@ def test_pretraining_elsewhere_then_bank_only(site_slices, tmp_path):
     pretrained.save(tmp_path / "pretrained")
 
     sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
-    trainer = GeneratorTrainer(resolve_config({**TINY, "pretrain_steps": 0}, (), sites))
+    trainer = GeneratorTrainer(resolve_config(GeneratorConfig.from_dict({**TINY, "pretrain_steps": 0}), sites))
     trainer.load_pretrained(tmp_path / "pretrained")
     assert trainer.phase == "bank" and trainer.modulated
     masks = StepCoordinator(trainer, sites, np.random.default_rng(0)).sample_masks()
@@ -281,7 +282,7 @@ def test_pretraining_elsewhere_then_bank_only(site_slices, tmp_path):
     for modality, image in trainer.synthesize(masks).items():
         assert torch.allclose(image, expected, atol=1e-6), modality
     with pytest.raises(ValueError, match="differs in"):
-        GeneratorTrainer(resolve_config({**TINY, "ngf": 16}, (), sites)).load_pretrained(tmp_path / "pretrained")
+        GeneratorTrainer(resolve_config(GeneratorConfig.from_dict({**TINY, "ngf": 16}), sites)).load_pretrained(tmp_path / "pretrained")
 
 
 def test_sites_keep_their_discriminators_at_checkpoints_for_a_resumed_run(site_slices, tmp_path):
@@ -290,7 +291,7 @@ def test_sites_keep_their_discriminators_at_checkpoints_for_a_resumed_run(site_s
     dataset, modalities = site_slices["site-1"]
 
     def worker(state_dir, seed):
-        config = AdversaryConfig(ndf=8, n_layers=2, seed=seed)
+        config = AdversaryConfig(ndf=8, n_layers=2)
         return SiteWorker("site-1", dataset, modalities, config, 2, True, seed, tmp_path / "out", state_dir=state_dir)
 
     first = worker(tmp_path / "state", seed=0)

@@ -13,6 +13,10 @@ import pytest
 import torch
 
 from fedmodal.data.phantoms import build_federation
+from fedmodal.jobs import JOBS
+from fedmodal.jobs.spec import export_job, route_settings
+
+MODALITYBANK = JOBS["modalitybank"]
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "modalitybank"
@@ -30,17 +34,9 @@ TINY_SITE = dict(ndf=8, n_layers=2, split="all")
 
 
 def tiny_job(tmp_path: Path, server_args: dict, site_args: dict) -> Path:
-    job = tmp_path / "job"
-    shutil.copytree(JOB, job)
-    server = job / "app" / "config" / "config_fed_server.json"
-    config = json.loads(server.read_text())
-    config["workflows"][0]["args"].update(TINY_SERVER, **server_args)
-    server.write_text(json.dumps(config))
-    client = job / "app" / "config" / "config_fed_client.json"
-    config = json.loads(client.read_text())
-    config["executors"][0]["executor"]["args"].update(TINY_SITE, **site_args)
-    client.write_text(json.dumps(config))
-    return job
+    """jobs/modalitybank at a tiny size: the recipe's export with changed settings."""
+    values = {**TINY_SERVER, **TINY_SITE, **server_args, **site_args}
+    return export_job(MODALITYBANK, tmp_path / "jobs", route_settings(MODALITYBANK, values))
 
 
 def read_audit(path: Path) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,18 +14,21 @@ from fedmodal.cli import main
 from fedmodal.data.manifest import build_manifest
 from fedmodal.data.phantoms import build_federation
 from fedmodal.modalitybank.central import build_workers, train
+from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, GeneratorConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("synthesis")
     data = build_federation(tmp / "data", shape=(40, 40, 24), cases_per_site=2, test_cases=2)
+    generator = GeneratorConfig(image_size=32, ngf=8, n_blocks=2, batch_size=2, pretrain_steps=2, bank_steps=2)
     workers = build_workers(
-        {s: data / s for s in ("site-1", "site-2", "site-3")}, image_size=32, slices="tumour", batch_size=2,
-        seed=0, out_dir=tmp / "sites", split="all", adversary={"ndf": 8, "n_layers": 2},
+        {s: data / s for s in ("site-1", "site-2", "site-3")}, generator, tmp / "sites", slices="tumour",
+        site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=8, n_layers=2),
     )
-    config = dict(image_size=32, ngf=8, n_blocks=2, batch_size=2, pretrain_steps=2, bank_steps=2)
-    trainer, _, _ = train(workers, config)
+    trainer, _, _ = train(workers, generator)
     checkpoint = trainer.save(tmp / "checkpoint")
     return data, checkpoint, tmp
 
@@ -76,3 +80,28 @@ def test_synthesize_and_quality_report(trained, capsys):
 
     with pytest.raises(FileNotFoundError, match="ModalityBank checkpoint"):
         main(["synthesize", str(data / "test"), "--checkpoint", str(tmp), "-o", str(out)])
+
+
+def test_the_readme_pretraining_command_with_defaults_feeds_the_default_job(tmp_path):
+    """`fedmodal pretrain-generator DATA -o OUT` at its defaults gives a generator that the
+    default jobs/modalitybank loads as its pretrained_generator and trains its bank from."""
+    from fedmodal.cli import main
+    from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
+    from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
+
+    data = build_federation(tmp_path / "data", shape=(40, 40, 24), cases_per_site=2, test_cases=1)
+    assert main(["pretrain-generator", str(data / "site-1"), str(data / "site-2"), "-o", str(tmp_path / "pre"),
+                 "--steps", "2"]) == 0  # --steps only to keep the test short: every shape setting at its default
+
+    job = json.loads((REPO / "jobs/modalitybank/app/config/config_fed_server.json").read_text())
+    generator = GeneratorConfig.from_dict(job["workflows"][0]["args"]["generator"])
+    workers = build_workers({s: data / s for s in ("site-1", "site-2", "site-3")}, generator, tmp_path / "sites",
+                            site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=8, n_layers=2))
+    sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
+    trainer = GeneratorTrainer(resolve_config(generator, sites))
+    trainer.load_pretrained(tmp_path / "pre")
+    assert trainer.phase == "bank" and trainer.modulated
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    payloads = coordinator.step_payloads()
+    coordinator.finish_step({n: workers[n].step(p) for n, p in payloads.items()})
+    assert trainer.progress.step == 1

@@ -12,37 +12,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedmodal.config import Settings
+
 LOSSES = ("dicece", "dicefocal")
+# The fields that fix the network (a net preset sets them all); the rest is training and inference.
+NET_FIELDS = ("spatial_dims", "regions", "arch", "channels", "num_res_units", "dropout", "mask_channels", "patch_size")
 PRECISIONS = ("fp32", "bf16")
 
-# Defaults per dimensionality: the 2D whole-tumour U-Net of the ModalityBank downstream task,
-# and a small 3D WT/TC/ET U-Net that fits a CPU laptop (larger on a GPU site: raise channels,
-# patch size and batch).
+# Defaults per dimensionality: the network is the dimension's preset (fedmodal.nets.segmentation),
+# batch and samples per case fit a CPU laptop (larger on a GPU site).
 DEFAULTS: dict[int, dict[str, Any]] = {
-    2: {
-        "regions": ("WT",),
-        "patch_size": (96, 96),
-        "batch_size": 16,
-        "samples_per_case": 4,
-        "channels": (16, 32, 64, 128, 256),
-        "num_res_units": 0,
-    },
-    3: {
-        "regions": ("WT", "TC", "ET"),
-        "patch_size": (64, 64, 48),
-        "batch_size": 2,
-        "samples_per_case": 2,
-        "channels": (8, 16, 32, 64, 128),
-        "num_res_units": 1,
-    },
+    2: {"net": "unet2d-wt", "batch_size": 16, "samples_per_case": 4},
+    3: {"net": "unet3d-brats", "batch_size": 2, "samples_per_case": 2},
 }
 
 
 @dataclass
-class SegConfig:
+class SegConfig(Settings):
     """Training and inference settings of a segmentation baseline.
 
     Args:
+        net: a named network (`fedmodal.nets.segmentation.SEGMENTATION_PRESETS`, e.g.
+            "unet2d-wt"); it fixes the network fields below (spatial_dims, regions, arch,
+            channels, num_res_units, dropout, mask_channels, patch_size). Empty: those fields
+            as given, defaulting per dimensionality.
         spatial_dims: 2 (axial slices, scored slice by slice on whole volumes) or 3 (patches,
             sliding-window inference).
         regions: BraTS regions predicted, one sigmoid channel each ("WT"; or "WT", "TC", "ET").
@@ -69,6 +62,7 @@ class SegConfig:
         cache: keep loaded, normalised cases in memory (fast epochs; needs RAM for real BraTS).
     """
 
+    net: str = ""
     spatial_dims: int = 2
     regions: tuple[str, ...] = ()
     patch_size: tuple[int, ...] = ()
@@ -93,22 +87,27 @@ class SegConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
+        if self.net:
+            self._apply_preset()
         if self.spatial_dims not in DEFAULTS:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        from fedmodal.nets.segmentation import preset_net_args
+
         defaults = DEFAULTS[self.spatial_dims]
+        net = preset_net_args(defaults["net"])
         # Empty / sentinel values take the dimension's default.
         if not self.regions:
-            self.regions = defaults["regions"]
+            self.regions = tuple(net["regions"])
         if not self.patch_size:
-            self.patch_size = defaults["patch_size"]
+            self.patch_size = tuple(net["roi_size"])
         if not self.batch_size:
             self.batch_size = defaults["batch_size"]
         if not self.samples_per_case:
             self.samples_per_case = defaults["samples_per_case"]
         if not self.channels:
-            self.channels = defaults["channels"]
+            self.channels = tuple(net["channels"])
         if self.num_res_units < 0:
-            self.num_res_units = defaults["num_res_units"]
+            self.num_res_units = net["num_res_units"]
         self.regions = tuple(str(r).upper() for r in self.regions)
         self.patch_size = tuple(int(s) for s in self.patch_size)
         self.channels = tuple(int(c) for c in self.channels)
@@ -120,6 +119,22 @@ class SegConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+
+    def _apply_preset(self) -> None:
+        from fedmodal.nets.segmentation import preset_net_args
+
+        preset = SegConfig.from_net_args(preset_net_args(self.net))
+        # A net field left at its default takes the preset's value; another value is a clash.
+        unset = {f.name: f.default for f in dataclasses.fields(SegConfig)}
+        clashing = [f for f in NET_FIELDS if getattr(self, f) not in (unset[f], getattr(preset, f))]
+        if clashing:
+            raise ValueError(f"net preset {self.net!r} fixes {clashing}; drop them or the preset")
+        for f in NET_FIELDS:
+            setattr(self, f, getattr(preset, f))
+
+    def training_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the network fields: what a job config gives beside a net preset."""
+        return {k: v for k, v in self.to_dict().items() if k not in NET_FIELDS}
 
     def net_args(self) -> dict[str, Any]:
         """Arguments of `fedmodal.nets.segmentation.SegmentationNet` for this configuration."""
@@ -134,20 +149,6 @@ class SegConfig:
             "dropout": self.dropout,
             "roi_size": list(self.patch_size),
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (tuples become lists)."""
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SegConfig":
-        """Build from a dict, refusing unknown keys (a typo in a job config should not pass silently)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown segmentation settings {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     @classmethod
     def from_net_args(cls, net_args: Mapping[str, Any], **overrides: Any) -> "SegConfig":
@@ -178,3 +179,25 @@ def parse_regions(regions: Sequence[str] | str | None) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown regions {sorted(unknown)}; choose from WT, TC, ET")
     return tuple(r for r in ("WT", "TC", "ET") if r in wanted)
+
+
+@dataclass
+class FederatedSegConfig(Settings):
+    """How the FedAvg / FedProx segmentation job runs (the network and training are `SegConfig`).
+
+    Args:
+        num_rounds: FedAvg rounds.
+        local_epochs: passes over each site's training cases per round.
+        fedprox_mu: FedProx proximal weight (0 is FedAvg).
+        seed: run seed; each site derives its own from it and its name.
+        key_metric: the validation metric that picks the best global model.
+        submit_model_timeout, validation_timeout: cross-site evaluation timeouts (seconds).
+    """
+
+    num_rounds: int = 20
+    local_epochs: int = 5
+    fedprox_mu: float = 0.0
+    seed: int = 0
+    key_metric: str = "val_dice"
+    submit_model_timeout: int = 600
+    validation_timeout: int = 6000

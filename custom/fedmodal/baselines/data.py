@@ -99,6 +99,12 @@ def load_site(
         split=split,
         include_synthetic=include_synthetic,
     )
+    return site_data(manifest, include_synthetic)
+
+
+def site_data(manifest, include_synthetic: bool = False) -> SiteData:
+    """A `SiteData` from a site's manifest (`fedmodal.fl.site.prepare_site` builds one)."""
+    root = manifest.root
     if not manifest.modalities:
         raise ValueError(f"site {manifest.site}: no modality is held by every usable case under {root}")
     synthetic = {}

@@ -30,22 +30,18 @@ from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants, Va
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedmodal.baselines.config import SegConfig
+from fedmodal.fl.site import SiteConfig, prepare_site
 
 
 class SegExecutor(Executor):
     """A site of the segmentation FedAvg / FedProx job.
 
     Args:
-        data_root: the site's BraTS folder; the job passes `{$FEDMODAL_DATA_ROOT}` (unset: the
-            default phantom federation, folder = this site's name).
-        preset: phantom preset used when no data root is set.
-        net: `SegmentationNet` args; must equal the server persistor's model args.
+        site: `fedmodal.fl.site.SiteConfig` fields (data root, phantom preset, device, ...).
+        seg: `fedmodal.baselines.config.SegConfig` fields; its "net" names the network preset,
+            which must be the one the server's persistor builds (`NamedSegmentationNet`).
         local_epochs: passes over the site's training cases per round.
-        batch_size, samples_per_case, lr, loss, modality_dropout, augment, precision,
-            include_synthetic: as `fedmodal.baselines.config.SegConfig` (0 / None: defaults).
         seed: run seed; the site's seed derives from it and the site name.
-        device: "auto" (CUDA when present), "cpu", "cuda:0" ...
-        num_threads: torch CPU threads for this site (0: torch's default).
         analytic_sender_id: id of the client's `TBWriter` component (metrics to the server's
             TensorBoard); empty to disable.
         train_task, validate_task, submit_model_task: task names.
@@ -53,51 +49,27 @@ class SegExecutor(Executor):
 
     def __init__(
         self,
-        data_root: str | None = None,
-        preset: str = "modalitybank-missing",
-        net: dict[str, Any] | None = None,
+        site: dict | None = None,
+        seg: dict | None = None,
         local_epochs: int = 5,
-        batch_size: int = 0,
-        samples_per_case: int = 0,
-        lr: float = 1e-3,
-        loss: str = "dicece",
-        modality_dropout: float = 0.0,
-        augment: bool = True,
-        precision: str = "fp32",
-        include_synthetic: bool = False,
         seed: int = 0,
-        device: str = "auto",
-        num_threads: int = 1,
         analytic_sender_id: str = "analytic_sender",
         train_task: str = AppConstants.TASK_TRAIN,
         validate_task: str = AppConstants.TASK_VALIDATION,
         submit_model_task: str = AppConstants.TASK_SUBMIT_MODEL,
     ):
         super().__init__()
-        net = dict(net or {})
-        self.cfg = SegConfig.from_net_args(
-            net,
-            batch_size=batch_size,
-            samples_per_case=samples_per_case,
-            lr=lr,
-            loss=loss,
-            modality_dropout=modality_dropout,
-            augment=augment,
-            precision=precision,
-            include_synthetic=include_synthetic,
-        )
-        if net.get("n_modalities", 4) != 4:
-            raise ValueError("net.n_modalities must be 4 (the canonical modalities)")
-        self.data_root = data_root
-        self.preset = preset
+        # Kept as given (NVFlare's job export reads constructor arguments back from attributes).
+        self.site, self.seg = dict(site or {}), dict(seg or {})
+        self.site_config = SiteConfig.from_dict(self.site, where="the segmentation executor's site settings")
+        self.cfg = SegConfig.from_dict(self.seg, where="the segmentation executor's seg settings")
         self.local_epochs = int(local_epochs)
         self.seed = int(seed)
-        self.device_name = device
-        self.num_threads = int(num_threads)
         self.analytic_sender_id = analytic_sender_id
+        self.train_task, self.validate_task, self.submit_model_task = train_task, validate_task, submit_model_task
         self.tasks = {train_task: self._train, validate_task: self._validate, submit_model_task: self._submit_model}
 
-        self.site = ""
+        self.site_name = ""
         self.trainer = None
         self.data = None
         self.loader = None
@@ -110,7 +82,7 @@ class SegExecutor(Executor):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self.site = fl_ctx.get_identity_name()
+            self.site_name = fl_ctx.get_identity_name()
             if self.analytic_sender_id:
                 self.writer = fl_ctx.get_engine().get_component(self.analytic_sender_id)
                 if self.writer is None:
@@ -118,20 +90,17 @@ class SegExecutor(Executor):
 
     def _setup(self, fl_ctx: FLContext) -> None:
         """Read the site's data and build the trainer, once (first task)."""
-        from fedmodal.baselines.data import load_site, train_loader
+        from fedmodal.baselines.data import site_data, train_loader
         from fedmodal.baselines.trainer import SegTrainer
-        from fedmodal.fl.site import resolve_site_root, select_device, site_seed
 
-        root = resolve_site_root(self.data_root, self.site, self.preset)
-        self.data = load_site(root, site=self.site, include_synthetic=self.cfg.include_synthetic)
-        seed = site_seed(self.seed, self.site)
-        device = select_device(self.device_name, self.num_threads)
-        self.loader = train_loader(self.data.cases("train"), self.cfg, seed)
-        self.trainer = SegTrainer(self.cfg, device=device, seed=seed)
+        site = prepare_site(self.site_name, self.site_config, self.seed, include_synthetic=self.cfg.include_synthetic)
+        self.data = site_data(site.manifest, self.cfg.include_synthetic)
+        self.loader = train_loader(self.data.cases("train"), self.cfg, site.seed)
+        self.trainer = SegTrainer(self.cfg, device=site.device, seed=site.seed)
         run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.out_dir = run_dir / "seg"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_info(fl_ctx, f"data {json.dumps(self.data.summary())}, device {device}, seed {seed}")
+        self.log_info(fl_ctx, f"data {json.dumps(self.data.summary())}, device {site.device}, seed {site.seed}")
 
     def _volumes(self, split: str) -> list:
         from fedmodal.baselines.data import load_volumes
@@ -152,7 +121,7 @@ class SegExecutor(Executor):
                 self._setup(fl_ctx)
             return task(shareable, fl_ctx, abort_signal)
         except Exception as error:  # reported to the server as an execution exception
-            self.log_exception(fl_ctx, f"{task_name} failed at {self.site}: {error}")
+            self.log_exception(fl_ctx, f"{task_name} failed at {self.site_name}: {error}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -169,14 +138,14 @@ class SegExecutor(Executor):
             return make_reply(ReturnCode.TASK_ABORTED)
 
         local_val = flat_metrics(self.trainer.score(self._volumes("val")), prefix="val_")
-        meta = {"trained_modalities": list(self.data.modalities), "sites": [self.site], "round": current_round, "fedprox_mu": mu}
+        meta = {"trained_modalities": list(self.data.modalities), "sites": [self.site_name], "round": current_round, "fedprox_mu": mu}
         save_checkpoint(self.out_dir / "local_last.pt", self.trainer, {**meta, "val_dice": local_val["val_dice"]})
         if local_val["val_dice"] > self.best_local:
             self.best_local = local_val["val_dice"]
             save_checkpoint(self.out_dir / "local_best.pt", self.trainer, {**meta, "val_dice": self.best_local})
 
         record = {
-            "site": self.site,
+            "site": self.site_name,
             "round": current_round,
             "train_loss": round(stats["loss"], 5),
             "steps": stats["steps"],
@@ -210,11 +179,11 @@ class SegExecutor(Executor):
         split = "test" if cross_site else "val"
         volumes = self._volumes(split)
         if not volumes:
-            self.log_warning(fl_ctx, f"no {split} case at {self.site}: nothing to score {owner} on")
+            self.log_warning(fl_ctx, f"no {split} case at {self.site_name}: nothing to score {owner} on")
             return make_reply(ReturnCode.EMPTY_RESULT)
         start = time.time()
         metrics = flat_metrics(self.trainer.score(volumes), prefix="" if cross_site else "val_")
-        self.log_info(fl_ctx, f"{split} " + json.dumps({"site": self.site, "model": owner, **{k: round(v, 4) for k, v in metrics.items()},
+        self.log_info(fl_ctx, f"{split} " + json.dumps({"site": self.site_name, "model": owner, **{k: round(v, 4) for k, v in metrics.items()},
                                                         "seconds": round(time.time() - start, 1)}))
         return FLModelUtils.to_shareable(FLModel(metrics=metrics))
 

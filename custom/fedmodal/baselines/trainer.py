@@ -281,8 +281,15 @@ def _persistor_spec(path: Path) -> dict[str, Any] | None:
         components = json.loads(config.read_text()).get("components", [])
         for component in components:
             model = component.get("args", {}).get("model")
-            if isinstance(model, dict) and str(model.get("path", "")).endswith("SegmentationNet"):
-                return dict(model.get("args", {}))
+            if not isinstance(model, dict):
+                continue
+            path_name, args = str(model.get("path", "")), dict(model.get("args", {}))
+            if path_name.endswith("NamedSegmentationNet"):
+                from fedmodal.nets.segmentation import NamedSegmentationNet, preset_net_args
+
+                return preset_net_args(args.get("preset", NamedSegmentationNet.DEFAULT_PRESET))
+            if path_name.endswith("SegmentationNet"):
+                return args
     return None
 
 

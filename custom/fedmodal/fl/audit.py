@@ -53,6 +53,7 @@ class PayloadAuditFilter(Filter):
     """
 
     _lock = threading.Lock()
+    _always_serialize_args = ("direction",)  # NVFlare's job export writes it even at its default
 
     def __init__(self, direction: str = "out"):
         super().__init__()

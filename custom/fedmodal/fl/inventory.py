@@ -22,8 +22,7 @@ from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
-from fedmodal.data.manifest import build_manifest
-from fedmodal.fl.site import data_root_is_set, resolve_site_root
+from fedmodal.fl.site import SiteConfig, data_root_is_set, prepare_site
 
 TASK_NAME = "inventory"
 INVENTORY_FILE = "inventory.json"
@@ -45,29 +44,26 @@ class InventoryExecutor(Executor):
     """Builds the site's data manifest and returns its summary.
 
     Args:
-        data_root: the site's BraTS folder; the job config passes `{$FEDMODAL_DATA_ROOT}`
-            (None when unset: the default phantom federation is used).
-        preset: phantom preset used when no data root is set.
+        site: `fedmodal.fl.site.SiteConfig` fields (data root, phantom preset, ...).
         need_seg: whether a case without a segmentation counts as a problem.
     """
 
-    def __init__(self, data_root: str | None = None, preset: str = "modalitybank-missing", need_seg: bool = True):
+    def __init__(self, site: dict | None = None, need_seg: bool = True):
         super().__init__()
-        self.data_root = data_root
-        self.preset = preset
+        self.site = dict(site or {})
+        self.site_config = SiteConfig.from_dict(self.site, where="the inventory executor's site settings")
         self.need_seg = need_seg
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name != TASK_NAME:
             return make_reply(ReturnCode.TASK_UNKNOWN)
-        site = fl_ctx.get_identity_name()
-        root = resolve_site_root(self.data_root, site, self.preset)
-        self.log_info(fl_ctx, f"building the data manifest of {root}")
+        name = fl_ctx.get_identity_name()
         start = time.time()
-        manifest = build_manifest(root, site=site, need_seg=self.need_seg)
-        summary = {k: v for k, v in manifest.summary().items() if k not in SITE_ONLY_KEYS}
-        summary = relative_to_root(summary, Path(manifest.root))
-        summary["data_source"] = "site data root" if data_root_is_set(self.data_root) else "phantoms"
+        site = prepare_site(name, self.site_config, run_seed=0, need_seg=self.need_seg)
+        self.log_info(fl_ctx, f"built the data manifest of {site.root}")
+        summary = {k: v for k, v in site.manifest.summary().items() if k not in SITE_ONLY_KEYS}
+        summary = relative_to_root(summary, Path(site.manifest.root))
+        summary["data_source"] = "site data root" if data_root_is_set(self.site_config.data_root) else "phantoms"
         summary["seconds"] = round(time.time() - start, 3)
         self.log_info(fl_ctx, "summary: " + json.dumps({k: summary[k] for k in ("n_cases", "modalities", "n_problems")}))
         return DXO(data_kind=DataKind.APP_DEFINED, data={"summary": summary}).to_shareable()

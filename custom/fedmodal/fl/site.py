@@ -1,4 +1,10 @@
-"""Site-local facts every fedmodal executor needs: where the data is, the device, the seed."""
+"""One site set-up for every fedmodal executor, centralised command and benchmark.
+
+Where the data is, what the site's `fedmodal_site.json` allows, which cases it holds, its seed
+and its device: `prepare_site` answers all of them the same way wherever a site is built, so a
+site's policy applies whether it trains under NVFlare, in `fedmodal train-seg` or in a
+benchmark. No NVFlare here.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,101 @@ import logging
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from fedmodal.config import Settings
 
 logger = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "FEDMODAL_DATA_ROOT"
+# What job configs pass: NVFlare substitutes it from the site's environment (None when unset).
+DATA_ROOT_FROM_ENV = "{$" + DATA_ROOT_ENV + "}"
+DEFAULT_PRESET = "modalitybank-missing"
+ON_ERROR = ("", "skip", "stop")
+
+
+@dataclass
+class SiteConfig(Settings):
+    """Where a site's data is and how it runs, for every method.
+
+    Args:
+        data_root: the site's BraTS folder; jobs pass `{$FEDMODAL_DATA_ROOT}`, which NVFlare
+            fills from the site's environment. Unset means the phantom federation `preset`.
+        preset: phantom preset used when no data root is set.
+        on_error: "skip" bad cases (reported) or "stop" at the first; empty means what the
+            site's `fedmodal_site.json` says, else "skip".
+        device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
+        num_threads: torch CPU threads at this site (0 keeps torch's default).
+    """
+
+    data_root: str = DATA_ROOT_FROM_ENV
+    preset: str = DEFAULT_PRESET
+    on_error: str = ""
+    device: str = "auto"
+    num_threads: int = 1
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+
+
+@dataclass
+class PreparedSite:
+    """A site ready to train: its folder, declared policy, cases, seed and device."""
+
+    name: str
+    root: Path
+    policy: dict[str, Any]
+    manifest: Any  # fedmodal.data.manifest.SiteManifest
+    seed: int
+    device: torch.device
+
+    def shares_masks(self, requested: bool = True) -> bool:
+        """A site file's "share_masks": false wins over the job's request."""
+        return bool(requested and self.policy.get("share_masks", True))
+
+    def dp(self, clip: float, noise: float) -> tuple[float, float]:
+        """DP clip and noise: the job's, raised to the site file's where that is stricter."""
+        return max(float(clip), float(self.policy.get("dp_clip", 0.0))), max(
+            float(noise), float(self.policy.get("dp_noise", 0.0))
+        )
+
+    def describe(self) -> str:
+        m = self.manifest
+        return (
+            f"site {self.name}: {len(m.cases)} cases from {self.root}, modalities {list(m.modalities)}, "
+            f"{len(m.problems)} skipped, seed {self.seed}, device {self.device}"
+        )
+
+
+def prepare_site(
+    name: str,
+    config: SiteConfig,
+    run_seed: int,
+    need_seg: bool = True,
+    include_synthetic: bool = False,
+) -> PreparedSite:
+    """Resolve the site's folder, read its site file and cases, derive its seed, pick its device.
+
+    Raises:
+        FileNotFoundError: the data root (or phantom site) does not exist.
+        fedmodal.data.checks.DataError: the site file or, under on_error "stop", a case is bad.
+    """
+    from fedmodal.data.manifest import build_manifest, read_site_file
+
+    root = resolve_site_root(config.data_root, name, config.preset)
+    policy = read_site_file(root)
+    manifest = build_manifest(
+        root, site=name, on_error=config.on_error or None, need_seg=need_seg, include_synthetic=include_synthetic
+    )
+    for problem in manifest.problems:
+        logger.warning("site %s skipped: %s", name, problem)
+    device = select_device(config.device, config.num_threads)
+    return PreparedSite(name, root, policy, manifest, site_seed(run_seed, name), device)
 
 
 def phantom_site_name(site_name: str) -> str:
@@ -29,7 +123,7 @@ def data_root_is_set(data_root) -> bool:
     return bool(data_root) and not str(data_root).startswith("{$")
 
 
-def resolve_site_root(data_root: str | os.PathLike | None, site_name: str, preset: str = "modalitybank-missing") -> Path:
+def resolve_site_root(data_root: str | os.PathLike | None, site_name: str, preset: str = DEFAULT_PRESET) -> Path:
     """The folder of BraTS cases this site trains on.
 
     A job config passes `{$FEDMODAL_DATA_ROOT}`, which NVFlare substitutes from the site's

@@ -13,49 +13,42 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmodal.fl.site import site_seed
+from fedmodal.fl.site import prepare_site
+from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, ControllerConfig, GeneratorConfig
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
 from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
-from fedmodal.modalitybank.site_trainer import AdversaryConfig
-from fedmodal.modalitybank.site_worker import SiteWorker
+from fedmodal.modalitybank.site_worker import SiteWorker, build_site_worker
 
 logger = logging.getLogger(__name__)
 
 
 def build_workers(
     site_roots: dict[str, Path],
-    image_size: int,
-    slices: str,
-    batch_size: int,
-    seed: int,
+    generator: GeneratorConfig,
     out_dir: Path,
-    split: str = "train",
-    adversary: dict | None = None,
+    slices: str = ControllerConfig.slices,
+    site: BankSiteConfig | None = None,
+    adversary: AdversaryConfig | None = None,
 ) -> dict[str, SiteWorker]:
-    """One `SiteWorker` per site folder, built as the site executor builds it."""
-    from fedmodal.data.datasets import SynthesisSlices
-    from fedmodal.data.manifest import build_manifest
-
+    """One `SiteWorker` per site folder, built as the site executor builds it (same site set-up,
+    same `fedmodal_site.json` policy)."""
+    site = site or BankSiteConfig()
+    registration = {"image_size": generator.image_size, "slices": slices, "batch_size": generator.batch_size}
     workers = {}
     for name, root in sorted(site_roots.items()):
-        manifest = build_manifest(root, site=name)
-        cases = manifest.cases if split == "all" else manifest.cases_in(split)
-        dataset = SynthesisSlices(cases, size=image_size, slices=slices, et_label=manifest.et_label)
-        config = AdversaryConfig(**(adversary or {}), seed=site_seed(seed, name))
-        workers[name] = SiteWorker(
-            name, dataset, manifest.modalities, config, batch_size, True, site_seed(seed, name), Path(out_dir) / name
-        )
+        prepared = prepare_site(name, site.with_values(data_root=str(root)), run_seed=generator.seed)
+        workers[name] = build_site_worker(prepared, site, adversary or AdversaryConfig(), registration, Path(out_dir) / name)
     return workers
 
 
-def train(workers: dict[str, SiteWorker], config_args: dict, log_every: int = 20, parts: dict | None = None):
+def train(workers: dict[str, SiteWorker], generator: GeneratorConfig, log_every: int = 20, parts: dict | None = None):
     """Run the protocol in-process; returns (trainer, coordinator, seconds per step by phase).
 
     `parts`, if given, is filled per phase with each step's seconds split into the server's
     fake generation, every site's discriminator step and the server's backward pass and update.
     """
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
-    config = resolve_config(config_args, (), sites)
+    config = resolve_config(generator, sites)
     trainer = GeneratorTrainer(config)
     coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
     timings: dict[str, list[float]] = {}
@@ -78,35 +71,38 @@ def train(workers: dict[str, SiteWorker], config_args: dict, log_every: int = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are the job's (fedmodal.modalitybank.config), so the result loads into the
+    # default jobs/modalitybank as its "pretrained_generator".
+    g, a, c = GeneratorConfig(), AdversaryConfig(), ControllerConfig()
     parser.add_argument("data", nargs="+", help="BraTS folders the server holds (any release layout)")
     parser.add_argument("-o", "--out", required=True, help="checkpoint folder to write (generator.pt)")
-    parser.add_argument("--source", default="t1", help="source modality (every folder must hold it)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--ngf", type=int, default=32)
-    parser.add_argument("--n-blocks", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--ndf", type=int, default=32)
-    parser.add_argument("--slices", default="tumour", choices=["tumour", "brain"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", default=g.source_modality, help="source modality (every folder must hold it)")
+    parser.add_argument("--steps", type=int, default=g.pretrain_steps)
+    parser.add_argument("--image-size", type=int, default=g.image_size)
+    parser.add_argument("--ngf", type=int, default=g.ngf)
+    parser.add_argument("--n-blocks", type=int, default=g.n_blocks)
+    parser.add_argument("--batch-size", type=int, default=g.batch_size)
+    parser.add_argument("--ndf", type=int, default=a.ndf)
+    parser.add_argument("--slices", default=c.slices, choices=["tumour", "brain"])
+    parser.add_argument("--seed", type=int, default=g.seed)
 
 
 def run(args: argparse.Namespace) -> int:
     roots = {Path(d).name or f"data-{i}": Path(d) for i, d in enumerate(args.data)}
+    generator = GeneratorConfig(
+        mode="bank", image_size=args.image_size, ngf=args.ngf, n_blocks=args.n_blocks, source_modality=args.source,
+        pretrain_steps=args.steps, bank_steps=0, batch_size=args.batch_size, seed=args.seed,
+    )  # bank_steps=0: the generator stays plain
     workers = build_workers(
-        roots, args.image_size, args.slices, args.batch_size, args.seed, Path(args.out) / "discriminators",
-        split="all", adversary={"ndf": args.ndf},
+        roots, generator, Path(args.out) / "discriminators", slices=args.slices,
+        site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=args.ndf),
     )
     missing = [name for name, w in workers.items() if args.source not in w.modalities]
     if missing:
         raise SystemExit(f"{missing} do not hold the source modality {args.source!r}")
-    config = dict(
-        mode="bank", image_size=args.image_size, ngf=args.ngf, n_blocks=args.n_blocks, source_modality=args.source,
-        pretrain_steps=args.steps, bank_steps=0, batch_size=args.batch_size, seed=args.seed,
-    )
-    trainer, _, timings = train(workers, config)  # bank_steps=0: the generator stays plain
+    trainer, _, timings = train(workers, generator)
     trainer.save(args.out)
     rate = len(timings["pretrain"]) / sum(timings["pretrain"])
     print(f"pretrained {args.source} generator ({len(timings['pretrain'])} steps, {rate:.2f} steps/s) written to {args.out}")
-    print(f"use it with the job's controller argument \"pretrained_generator\": \"{Path(args.out).resolve()}\"")
+    print(f"use it with the job's controller setting server.pretrained_generator: \"{Path(args.out).resolve()}\"")
     return 0

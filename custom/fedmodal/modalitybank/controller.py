@@ -10,144 +10,55 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from nvflare.apis.client import Client
-from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.controller_spec import Task
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import FilterKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
-from nvflare.apis.shareable import ReturnCode, Shareable, make_reply
+from nvflare.apis.shareable import ReturnCode, Shareable
 from nvflare.apis.signal import Signal
 
-from fedmodal.fl.direct import TASK_DATA, TASK_RESULT, filter_like_task
+from fedmodal.fl.direct import DirectSender, ExchangeError, exchange_by_tasks
 from fedmodal.fl.site import select_device
 from fedmodal.modalitybank import protocol as P
+from fedmodal.modalitybank.config import ControllerConfig, GeneratorConfig
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
-from fedmodal.modalitybank.generator_trainer import GeneratorConfig, GeneratorTrainer
+from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
 from fedmodal.modalitybank.grids import grid_array, mask_picture, save_grid
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_DIR = "modalitybank"
 RUN_FILE = "run.json"  # in a checkpoint: the run's id and global step, for the sites' state on resume
-STEP_TRANSPORTS = ("direct", "task")
-# Return codes a site sets itself (its log says why); anything else means the message got no answer.
-SITE_REPORTED = (
-    ReturnCode.EXECUTION_EXCEPTION,
-    ReturnCode.TASK_DATA_FILTER_ERROR,
-    ReturnCode.TASK_RESULT_FILTER_ERROR,
-    ReturnCode.TASK_UNKNOWN,
-    ReturnCode.TOPIC_UNKNOWN,
-)
 
 
 class ModalityBankController(Controller):
-    """Server side of ModalityBank (and of its AsynDGAN baseline with `mode="asyndgan"`).
+    """Server side of ModalityBank (and of its AsynDGAN baseline with generator mode "asyndgan").
 
     Args:
-        mode: "bank" or "asyndgan" (see GeneratorConfig).
-        image_size: side of the synthesised slices; sites resample their data to it.
-        ngf: generator width; 64 in the paper.
-        n_blocks: residual blocks; 9 in the paper.
-        modulate: "resblocks" or "all" convs under the bank.
-        source_modality: modality of the pretraining phase.
-        target_modalities: modalities to learn; empty means every modality some site holds.
-        pretrain_steps: G steps of the pretraining phase.
-        bank_steps: G steps of the bank phase.
-        batch_size: masks per site per step.
-        lr: Adam learning rate of G and of the sites' discriminators.
-        max_shift: augmentation shift in voxels.
-        slices: which axial slices sites train on: "tumour" or "brain".
-        seed: run seed; sites derive theirs from it and their names.
-        min_sites: sites required to start.
-        step_timeout: seconds to wait for every site's step result before stopping the run.
-        log_every: steps between progress lines.
-        sample_every: steps between sample grids (PNG + TensorBoard).
-        checkpoint_every: steps between checkpoints (always at phase ends and at the end).
-        preview_count: masks per site in the final real-vs-synthetic grids drawn at the sites.
-        resume_from: checkpoint folder of an earlier run to continue from.
-        pretrained_generator: checkpoint folder of a plain generator pretrained elsewhere (e.g.
-            `fedmodal pretrain-generator` on a dataset the server holds); skips pretraining.
-        device: "auto", "cpu" or "cuda[:i]".
-        num_threads: torch CPU threads at the server (0 keeps torch's default).
-        task_check_period: how often the workflow checks for finished tasks (seconds).
-        step_transport: how step payloads travel. "direct" pushes them to the sites as NVFlare
-            aux messages through the same filters as tasks (one round trip per step); "task"
-            sends NVFlare tasks, which wait for each site's next poll.
+        generator: `fedmodal.modalitybank.config.GeneratorConfig` fields (the generator's shape
+            and schedule); missing fields take their defaults, unknown ones are refused.
+        server: `fedmodal.modalitybank.config.ControllerConfig` fields (how the run goes:
+            timeouts, checkpoints, resume, device, transport).
     """
 
-    def __init__(
-        self,
-        mode: str = "bank",
-        image_size: int = 64,
-        ngf: int = 32,
-        n_blocks: int = 4,
-        modulate: str = "resblocks",
-        source_modality: str = "t1",
-        target_modalities: list[str] | None = None,
-        pretrain_steps: int = 200,
-        bank_steps: int = 300,
-        batch_size: int = 4,
-        lr: float = 2e-4,
-        max_shift: int = 4,
-        slices: str = "tumour",
-        seed: int = 0,
-        min_sites: int = 2,
-        step_timeout: float = 600.0,
-        log_every: int = 20,
-        sample_every: int = 100,
-        checkpoint_every: int = 200,
-        preview_count: int = 4,
-        resume_from: str = "",
-        pretrained_generator: str = "",
-        device: str = "auto",
-        num_threads: int = 0,
-        task_check_period: float = 0.05,
-        step_transport: str = "direct",
-    ):
-        super().__init__(task_check_period=task_check_period)
-        if step_transport not in STEP_TRANSPORTS:
-            raise ValueError(f"step_transport must be one of {STEP_TRANSPORTS}, got {step_transport!r}")
-        self.step_transport = step_transport
-        self.requested_targets = tuple(target_modalities or ())
-        self.config_args = dict(
-            mode=mode,
-            spatial_dims=2,
-            image_size=image_size,
-            ngf=ngf,
-            n_blocks=n_blocks,
-            modulate=modulate,
-            source_modality=source_modality,
-            pretrain_steps=pretrain_steps,
-            bank_steps=bank_steps,
-            batch_size=batch_size,
-            lr=lr,
-            max_shift=max_shift,
-            seed=seed,
-        )
-        self.slices = slices
-        self.min_sites = min_sites
-        self.step_timeout = step_timeout
-        self.log_every = max(1, log_every)
-        self.sample_every = sample_every
-        self.checkpoint_every = checkpoint_every
-        self.preview_count = preview_count
-        self.resume_from = resume_from
-        self.pretrained_generator = pretrained_generator
-        self.device_name = device
-        self.num_threads = num_threads
+    def __init__(self, generator: dict | None = None, server: dict | None = None):
+        # Kept as given (NVFlare's job export reads constructor arguments back from attributes).
+        self.generator = dict(generator or {})
+        self.server = dict(server or {})
+        self.generator_config = GeneratorConfig.from_dict(self.generator, where="the controller's generator")
+        self.run_config = ControllerConfig.from_dict(self.server, where="the controller's server settings")
+        super().__init__(task_check_period=self.run_config.task_check_period)
         self.out_dir: Path | None = None
         self.writer = None
-        self.senders: ThreadPoolExecutor | None = None  # direct transport: one request per site at once
+        self.sender = DirectSender()
 
     # ------------------------------------------------------------------ lifecycle
     def start_controller(self, fl_ctx: FLContext):
@@ -157,14 +68,13 @@ class ModalityBankController(Controller):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.out_dir / "tb"))
-        self.device = select_device(self.device_name, self.num_threads)
+        self.device = select_device(self.run_config.device, self.run_config.num_threads)
         self.log_info(fl_ctx, f"ModalityBank outputs go to {self.out_dir}")
 
     def stop_controller(self, fl_ctx: FLContext):
         if self.writer is not None:
             self.writer.close()
-        if self.senders is not None:
-            self.senders.shutdown(wait=False, cancel_futures=True)
+        self.sender.close()
 
     def process_result_of_unknown_task(
         self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
@@ -177,14 +87,15 @@ class ModalityBankController(Controller):
         sites = self._register(abort_signal, fl_ctx, run_id, resume_step)
         if sites is None:
             return
-        config = resolve_config(self.config_args, self.requested_targets, sites)
+        config = resolve_config(self.generator_config, sites)
+        run = self.run_config
         trainer = (
-            GeneratorTrainer.resume(self.resume_from, config, self.device)
-            if self.resume_from
+            GeneratorTrainer.resume(run.resume_from, config, self.device)
+            if run.resume_from
             else GeneratorTrainer(config, self.device)
         )
-        if self.pretrained_generator and not self.resume_from:
-            trainer.load_pretrained(self.pretrained_generator)
+        if run.pretrained_generator and not run.resume_from:
+            trainer.load_pretrained(run.pretrained_generator)
         coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
         sample_masks = coordinator.sample_masks()
         timings: dict[str, list[float]] = {}  # seconds per step, by phase
@@ -195,14 +106,11 @@ class ModalityBankController(Controller):
             phase, step, phase_steps = trainer.phase, trainer.progress.step, trainer.phase_steps
             phase_ends = step + 1 >= phase_steps
             # Checkpoints at phase ends and every checkpoint_every steps; the sites save with them.
-            saves = phase_ends or bool(self.checkpoint_every and (global_step + 1) % self.checkpoint_every == 0)
+            saves = phase_ends or bool(run.checkpoint_every and (global_step + 1) % run.checkpoint_every == 0)
             started = time.perf_counter()
             payloads = coordinator.step_payloads(checkpoint_step=global_step + 1 if saves else None)
             sent = time.perf_counter()
-            if self.step_transport == "direct":
-                replies = self._exchange_direct(P.TASK_STEP, payloads, fl_ctx)
-            else:
-                replies = self._exchange(P.TASK_STEP, payloads, abort_signal, fl_ctx)
+            replies = self._exchange(P.TASK_STEP, payloads, abort_signal, fl_ctx, direct=run.step_transport == "direct")
             if replies is None:
                 return
             received = time.perf_counter()
@@ -212,8 +120,8 @@ class ModalityBankController(Controller):
             waits.setdefault(phase, []).append(received - sent)
             global_step += 1
             self._record_losses(losses, global_step)
-            if (step + 1) % self.log_every == 0 or phase_ends:
-                recent = timings[phase][-self.log_every :]
+            if (step + 1) % run.log_every == 0 or phase_ends:
+                recent = timings[phase][-run.log_every :]
                 rate = len(recent) / max(sum(recent), 1e-9)
                 record = {
                     "phase": phase,
@@ -225,23 +133,24 @@ class ModalityBankController(Controller):
                 }
                 self.log_info(fl_ctx, "progress " + json.dumps(record))
                 self.writer.add_scalar("speed/steps_per_s", rate, global_step)
-            if self.sample_every and (global_step % self.sample_every == 0 or trainer.finished):
+            if run.sample_every and (global_step % run.sample_every == 0 or trainer.finished):
                 self._save_samples(trainer, sample_masks, global_step)
             if saves:
                 trainer.save(self.out_dir / "checkpoint")
                 run_file = self.out_dir / "checkpoint" / RUN_FILE
                 run_file.write_text(json.dumps({"run_id": run_id, "global_step": global_step}))
-        previews = coordinator.preview_payloads(self.preview_count)
-        if self._exchange(P.TASK_PREVIEW, previews, abort_signal, fl_ctx) is None:
+        previews = coordinator.preview_payloads(run.preview_count)
+        if self._exchange(P.TASK_PREVIEW, previews, abort_signal, fl_ctx, direct=False) is None:
             return
         self._write_summary(config, sites, timings, waits)
         self.log_info(fl_ctx, f"ModalityBank finished; checkpoint in {self.out_dir / 'checkpoint'}")
 
     def _run_identity(self, fl_ctx: FLContext) -> tuple[str, int | None]:
         """The run's id and, when resuming, the global step of the checkpoint resumed from."""
-        if not self.resume_from:
+        resume_from = self.run_config.resume_from
+        if not resume_from:
             return uuid.uuid4().hex[:12], None
-        run_file = Path(self.resume_from) / RUN_FILE
+        run_file = Path(resume_from) / RUN_FILE
         if not run_file.is_file():  # a checkpoint written before runs had ids
             self.log_warning(fl_ctx, f"{run_file} missing: the sites' discriminators start afresh")
             return uuid.uuid4().hex[:12], None
@@ -253,21 +162,22 @@ class ModalityBankController(Controller):
     ) -> list[SiteState] | None:
         """Ask every site for its keys (and masks, where the site shares them)."""
         site_config = {
-            "image_size": self.config_args["image_size"],
-            "slices": self.slices,
-            "seed": self.config_args["seed"],
-            "batch_size": self.config_args["batch_size"],
+            "image_size": self.generator_config.image_size,
+            "slices": self.run_config.slices,
+            "seed": self.generator_config.seed,
+            "batch_size": self.generator_config.batch_size,
             P.RUN_ID: run_id,
             P.RESUME_STEP: resume_step,
         }
         task = Task(
             name=P.TASK_REGISTER,
             data=DXO(DataKind.COLLECTION, {P.CONFIG: site_config}).to_shareable(),
-            timeout=int(self.step_timeout),
+            timeout=int(self.run_config.step_timeout),
         )
         clients = sorted(c.name for c in fl_ctx.get_engine().get_clients())
-        if len(clients) < self.min_sites:
-            self.system_panic(f"{len(clients)} sites connected ({clients}); {self.min_sites} required", fl_ctx)
+        min_sites = self.run_config.min_sites
+        if len(clients) < min_sites:
+            self.system_panic(f"{len(clients)} sites connected ({clients}); {min_sites} required", fl_ctx)
             return None
         # Every connected site takes part: the protocol is synchronous over all of them.
         self.broadcast_and_wait(task, fl_ctx, targets=clients, min_responses=len(clients), abort_signal=abort_signal)
@@ -280,91 +190,21 @@ class ModalityBankController(Controller):
                 return None
             sites.append(SiteState.from_registration(name, from_shareable(result).data))
             self.log_info(fl_ctx, sites[-1].describe())
-        if len(sites) < self.min_sites:
-            self.system_panic(f"only {len(sites)} sites registered; {self.min_sites} required", fl_ctx)
+        if len(sites) < min_sites:
+            self.system_panic(f"only {len(sites)} sites registered; {min_sites} required", fl_ctx)
             return None
         return sites
 
-    def _exchange(self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext):
-        """Send each site its own payload at once, wait for all replies (site -> reply data).
-
-        Results are collected by the task's callback, which wakes this thread when the last one
-        arrives: no polling between the server's compute and the next exchange.
-        """
-        replies: dict[str, Shareable] = {}
-        all_in = threading.Event()
-        lock = threading.Lock()
-
-        def received(client_task: ClientTask, fl_ctx: FLContext) -> None:
-            with lock:
-                replies[client_task.client.name] = client_task.result
-                if len(replies) == len(payloads):
-                    all_in.set()
-
-        for name, payload in payloads.items():
-            data = DXO(DataKind.COLLECTION, payload).to_shareable()
-            task = Task(name=task_name, data=data, timeout=int(self.step_timeout), result_received_cb=received)
-            self.send(task, fl_ctx, targets=[name])
-        deadline = time.monotonic() + self.step_timeout
-        while not all_in.wait(timeout=0.5):
-            if abort_signal.triggered:
-                return None
-            if time.monotonic() > deadline:
-                with lock:
-                    late = sorted(set(payloads) - set(replies))
-                self.system_panic(
-                    f"sites {late} sent no {task_name} result within {self.step_timeout}s. In the simulator, run "
-                    f"with as many threads as sites (-t), so every site takes part in each synchronous step",
-                    fl_ctx,
-                )
-                return None
-        return self._reply_data(task_name, replies, fl_ctx)
-
-    def _exchange_direct(self, task_name: str, payloads: dict[str, dict], fl_ctx: FLContext):
-        """Like `_exchange`, but pushed as aux messages (fedmodal.fl.direct): no poll to wait for."""
-        engine = fl_ctx.get_engine()
-
-        def send(name: str) -> Shareable | None:
-            # One request per site, in parallel (NVFlare 2.9's multicast_aux_requests fails on a
-            # keyword its cell does not take). Each in its own context: the filters mark the
-            # context with the task's name, which must not stick to the workflow's.
-            with engine.new_context() as ctx:
-                try:
-                    request = DXO(DataKind.COLLECTION, payloads[name]).to_shareable()
-                    request = filter_like_task(TASK_DATA, FilterKey.OUT, task_name, request, ctx)
-                    reply = (engine.send_aux_request([name], task_name, request, float(self.step_timeout), ctx) or {}).get(name)
-                    if reply is not None and reply.get_return_code() == ReturnCode.OK:
-                        reply = filter_like_task(TASK_RESULT, FilterKey.IN, task_name, reply, ctx)
-                    return reply
-                except Exception as e:  # a server-side filter refused: the run stops naming the site
-                    self.log_exception(ctx, f"{task_name} with site {name} failed at the server: {e}")
-                    return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-
-        if self.senders is None:
-            self.senders = ThreadPoolExecutor(max_workers=len(payloads), thread_name_prefix="mb-direct")
-        replies = dict(zip(payloads, self.senders.map(send, list(payloads))))
-        if fl_ctx.get_run_abort_signal() and fl_ctx.get_run_abort_signal().triggered:
+    def _exchange(self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext, direct: bool):
+        """Every site's reply data, or None after stopping the run (aborted, or a site failed)."""
+        timeout = self.run_config.step_timeout
+        try:
+            if direct:
+                return self.sender.exchange(task_name, payloads, timeout, fl_ctx)
+            return exchange_by_tasks(self, task_name, payloads, timeout, abort_signal, fl_ctx)
+        except ExchangeError as e:
+            self.system_panic(str(e), fl_ctx)
             return None
-        return self._reply_data(task_name, replies, fl_ctx)
-
-    def _reply_data(self, task_name: str, replies: dict[str, Shareable | None], fl_ctx: FLContext) -> dict | None:
-        """Each site's reply data, in site order; the run stops at the first site that failed."""
-        out = {}
-        for name in sorted(replies):
-            result = replies[name]
-            code = None if result is None else result.get_return_code()
-            if code != ReturnCode.OK:
-                if code in SITE_REPORTED:
-                    reason = "see its log"
-                else:  # the message got no answer: the site's process is gone, hung or unreachable
-                    reason = (
-                        f"no answer within {self.step_timeout}s or the site is unreachable. In the simulator, run "
-                        f"with as many threads as sites (-t), so no site process is recycled during the run"
-                    )
-                self.system_panic(f"site {name} failed {task_name} (return code {code}): {reason}", fl_ctx)
-                return None
-            out[name] = from_shareable(result).data
-        return out
 
     # ------------------------------------------------------------------ outputs
     def _record_losses(self, losses: dict, global_step: int) -> None:

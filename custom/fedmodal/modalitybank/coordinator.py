@@ -14,7 +14,8 @@ import torch
 
 from fedmodal import MODALITIES
 from fedmodal.modalitybank import protocol as P
-from fedmodal.modalitybank.generator_trainer import GeneratorConfig, GeneratorTrainer
+from fedmodal.modalitybank.config import GeneratorConfig
+from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
 
 
 @dataclass
@@ -58,17 +59,16 @@ class SiteState:
         )
 
 
-def resolve_config(config_args: dict, requested_targets, sites: list[SiteState]) -> GeneratorConfig:
-    """The generator config, with target modalities defaulting to every modality some site holds."""
+def resolve_config(generator: GeneratorConfig, sites: list[SiteState]) -> GeneratorConfig:
+    """The generator config, with empty target modalities resolved to every modality some site holds."""
     held = {m for s in sites for m in s.modalities}
-    targets = tuple(requested_targets or ()) or tuple(m for m in MODALITIES if m in held)
+    targets = generator.target_modalities or tuple(m for m in MODALITIES if m in held)
     missing = [m for m in targets if m not in held]
     if missing:
         raise ValueError(f"target modalities {missing} are held by no site; sites hold {sorted(held)}")
-    source = config_args.get("source_modality", "t1")
-    if config_args.get("mode", "bank") == "bank" and source not in held:
-        raise ValueError(f"source modality {source!r} is held by no site; sites hold {sorted(held)}")
-    return GeneratorConfig(**config_args, target_modalities=targets)
+    if generator.mode == "bank" and generator.source_modality not in held:
+        raise ValueError(f"source modality {generator.source_modality!r} is held by no site; sites hold {sorted(held)}")
+    return generator.with_values(target_modalities=targets)
 
 
 @dataclass

@@ -14,85 +14,16 @@ from pathlib import Path
 import torch
 
 from fedmodal import MODALITIES
+from fedmodal.modalitybank.config import GeneratorConfig
 from fedmodal.nets import madafm
 from fedmodal.nets.generator import ResnetGenerator
 
 logger = logging.getLogger(__name__)
 
-MODES = ("bank", "asyndgan")
 GENERATOR_FILE = "generator.pt"
 BANK_DIR = "bank"
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONDITION_CHANNELS = 2  # label map + brain contour (fedmodal.data.datasets.condition_map)
-
-
-@dataclass
-class GeneratorConfig:
-    """Everything that fixes the generator's shape and its training schedule.
-
-    Args:
-        mode: "bank" (pretrain unmodulated on the source modality, freeze, then one mAdaFM bank
-            entry per target modality) or "asyndgan" (one output channel per modality, no bank).
-        spatial_dims: 2 (slices, as in the paper) or 3 (volumes).
-        image_size: side of the square (cubic) images G produces.
-        ngf: generator width (64 in the paper).
-        n_blocks: residual blocks (9 in the paper).
-        modulate: which convs the bank modulates: "resblocks" (reference code) or "all" (paper text).
-        source_modality: the modality G is pretrained on.
-        target_modalities: the modalities G learns to synthesise (canonical order is kept).
-        train_source_bank: in "bank" mode, also train the source modality's bank entry. By
-            default it stays at its initial value, which reproduces the pretrained generator
-            exactly, so the source modality costs no bank-phase compute.
-        pretrain_steps: G steps of the pretraining phase ("bank" mode).
-        bank_steps: G steps of the bank phase; in "asyndgan" mode the single phase gets
-            pretrain_steps + bank_steps, the same budget.
-        batch_size: samples per site per step.
-        lr: Adam learning rate, constant for half a phase then linearly decayed to 0.
-        beta1: Adam's first beta.
-        max_shift: largest augmentation shift in voxels (0 disables shifts; flips stay).
-        seed: run seed.
-    """
-
-    mode: str = "bank"
-    spatial_dims: int = 2
-    image_size: int = 64
-    ngf: int = 32
-    n_blocks: int = 4
-    modulate: str = "resblocks"
-    source_modality: str = "t1"
-    target_modalities: tuple[str, ...] = MODALITIES
-    train_source_bank: bool = False
-    pretrain_steps: int = 200
-    bank_steps: int = 300
-    batch_size: int = 4
-    lr: float = 2e-4
-    beta1: float = 0.5
-    max_shift: int = 4
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        unknown = [m for m in (self.source_modality, *self.target_modalities) if m not in MODALITIES]
-        if unknown:
-            raise ValueError(f"unknown modalities {unknown}; expected names from {MODALITIES}")
-        self.target_modalities = tuple(m for m in MODALITIES if m in self.target_modalities)
-        if not self.target_modalities:
-            raise ValueError("target_modalities is empty")
-
-    @property
-    def phases(self) -> list[tuple[str, int]]:
-        if self.mode == "asyndgan":
-            return [("asyndgan", self.pretrain_steps + self.bank_steps)]
-        return [("pretrain", self.pretrain_steps), ("bank", self.bank_steps)]
-
-    def phase_modalities(self, phase: str) -> tuple[str, ...]:
-        """The modalities whose fakes are trained in `phase`."""
-        if phase == "pretrain":
-            return (self.source_modality,)
-        if phase == "bank" and not self.train_source_bank:
-            return tuple(m for m in self.target_modalities if m != self.source_modality)
-        return self.target_modalities
 
 
 def linear_decay_factor(step: int, total: int) -> float:
@@ -130,6 +61,8 @@ class GeneratorTrainer:
     """
 
     def __init__(self, config: GeneratorConfig, device: torch.device | str = "cpu"):
+        if not config.target_modalities:
+            raise ValueError("the generator has no target modalities (resolve them from the sites first)")
         self.config = config
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
@@ -293,7 +226,7 @@ class GeneratorTrainer:
         """Rebuild a trainer from `save` output; `config` must describe the same generator."""
         directory = Path(directory)
         saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
-        saved_config = GeneratorConfig(**{**saved["config"], "target_modalities": tuple(saved["config"]["target_modalities"])})
+        saved_config = GeneratorConfig.from_dict(saved["config"], where=str(directory / GENERATOR_FILE))
         shape_fields = ("mode", "spatial_dims", "image_size", "ngf", "n_blocks", "modulate", "target_modalities")
         differing = [f for f in shape_fields if getattr(saved_config, f) != getattr(config, f)]
         if differing:
@@ -342,7 +275,7 @@ def load_trained_generator(directory: str | os.PathLike, device="cpu") -> Genera
     if not (directory / GENERATOR_FILE).is_file():
         raise FileNotFoundError(f"no {GENERATOR_FILE} in {directory}: is it a ModalityBank checkpoint folder?")
     saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
-    config = GeneratorConfig(**{**saved["config"], "target_modalities": tuple(saved["config"]["target_modalities"])})
+    config = GeneratorConfig.from_dict(saved["config"], where=str(directory / GENERATOR_FILE))
     trainer = GeneratorTrainer(config, device)
     load_generator_weights(trainer.generator, directory, saved)
     trainer.generator.to(trainer.device)

@@ -8,41 +8,14 @@ No NVFlare here: the site executor and the centralised benchmark drive the same 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fedmodal.modalitybank.config import AdversaryConfig
 from fedmodal.modalitybank.generator_trainer import CONDITION_CHANNELS, linear_decay_factor
 from fedmodal.nets.discriminator import ConditionalPatchDiscriminator
-
-
-@dataclass
-class AdversaryConfig:
-    """How a site's discriminators train and what it returns.
-
-    Args:
-        ndf: discriminator width (64 in the paper).
-        n_layers: PatchGAN depth (3 gives the 70x70 receptive field).
-        lr: Adam learning rate (decayed on the server's schedule).
-        beta1: Adam's first beta.
-        lambda_l1: weight of the L1 term to the real image (100 in pix2pix/AsynDGAN).
-        l1_in_brain: restrict the L1 term to the brain mask.
-        dp_clip: per-sample L2 bound C on the returned gradient (0 = no clipping).
-        dp_noise: noise multiplier sigma; Gaussian noise N(0, (sigma*C)^2) per sample.
-        seed: seed for the discriminators' initialisation and the DP noise.
-    """
-
-    ndf: int = 64
-    n_layers: int = 3
-    lr: float = 2e-4
-    beta1: float = 0.5
-    lambda_l1: float = 100.0
-    l1_in_brain: bool = False
-    dp_clip: float = 0.0
-    dp_noise: float = 0.0
-    seed: int = 0
 
 
 class SiteAdversary:
@@ -53,22 +26,24 @@ class SiteAdversary:
         spatial_dims: 2 or 3.
         config: training settings.
         device: torch device.
+        seed: seed of the discriminators' initialisation and the DP noise (the site's seed).
     """
 
-    def __init__(self, held_modalities, spatial_dims: int, config: AdversaryConfig, device="cpu"):
+    def __init__(self, held_modalities, spatial_dims: int, config: AdversaryConfig, device="cpu", seed: int = 0):
         self.held = tuple(held_modalities)
         self.spatial_dims = spatial_dims
         self.config = config
         self.device = torch.device(device)
         self.discriminators: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.noise = torch.Generator().manual_seed(config.seed + 7919)
+        self.seed = int(seed)
+        self.noise = torch.Generator().manual_seed(self.seed + 7919)
 
     def _discriminator(self, modality: str) -> torch.nn.Module:
         if modality not in self.held:
             raise ValueError(f"asked to train a discriminator for {modality!r}, which this site does not hold {self.held}")
         if modality not in self.discriminators:
-            torch.manual_seed(self.config.seed + 1 + self.held.index(modality))
+            torch.manual_seed(self.seed + 1 + self.held.index(modality))
             net = ConditionalPatchDiscriminator(
                 spatial_dims=self.spatial_dims,
                 in_channels=CONDITION_CHANNELS + 1,

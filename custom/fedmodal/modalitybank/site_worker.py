@@ -15,7 +15,8 @@ import torch
 from fedmodal import MODALITIES
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.grids import mask_picture, save_grid
-from fedmodal.modalitybank.site_trainer import AdversaryConfig, SiteAdversary
+from fedmodal.modalitybank.config import AdversaryConfig
+from fedmodal.modalitybank.site_trainer import SiteAdversary
 
 
 STATE_FILE = "discriminators.pt"
@@ -66,7 +67,9 @@ class SiteWorker:
         self.cond = torch.stack([torch.as_tensor(item["cond"]) for item in items]).float()
         self.images = torch.stack([torch.as_tensor(item["image"]) for item in items]).float()
         self.brain = torch.stack([torch.as_tensor(item["brain"]) for item in items]).float()
-        self.adversary = SiteAdversary(self.modalities, spatial_dims=self.cond.ndim - 2, config=adversary_config, device=device)
+        self.adversary = SiteAdversary(
+            self.modalities, spatial_dims=self.cond.ndim - 2, config=adversary_config, device=device, seed=seed
+        )
 
     def registration(self) -> dict:
         reply = {
@@ -162,3 +165,48 @@ class SiteWorker:
 
     def save(self) -> None:
         self.adversary.save(self.out_dir / STATE_FILE)
+
+
+def build_site_worker(
+    site,
+    site_config,
+    adversary: AdversaryConfig,
+    registration: dict,
+    out_dir: str | Path,
+    state_dir: str | Path | None = None,
+) -> SiteWorker:
+    """A site's worker from its prepared data and the server's registration settings.
+
+    The site's `fedmodal_site.json` policy applies here, wherever the site runs: "share_masks":
+    false wins over the job, and its `dp_clip` / `dp_noise` raise the job's.
+
+    Args:
+        site: a `fedmodal.fl.site.PreparedSite`.
+        site_config: the site's `BankSiteConfig` (split, mask sharing).
+        adversary: the job's discriminator settings.
+        registration: what the server sends at registration: image_size, slices, batch_size.
+        out_dir: where local grids and the final discriminators go.
+        state_dir: where discriminators are kept at checkpoints (None keeps nothing).
+    """
+    from fedmodal.data.datasets import SynthesisSlices
+
+    manifest, split = site.manifest, site_config.split
+    cases = manifest.cases if split == "all" else manifest.cases_in(split)
+    if not cases:
+        raise ValueError(f"site {site.name}: no usable case in split {split!r} of {site.root}")
+    dataset = SynthesisSlices(
+        cases, size=int(registration["image_size"]), slices=registration["slices"], et_label=manifest.et_label
+    )
+    dp_clip, dp_noise = site.dp(adversary.dp_clip, adversary.dp_noise)
+    return SiteWorker(
+        site.name,
+        dataset,
+        manifest.modalities,
+        adversary.with_values(dp_clip=dp_clip, dp_noise=dp_noise),
+        batch_size=int(registration["batch_size"]),
+        shares_masks=site.shares_masks(site_config.share_masks),
+        seed=site.seed,
+        out_dir=out_dir,
+        device=site.device,
+        state_dir=state_dir,
+    )

@@ -18,6 +18,53 @@ from fedmodal.metrics import REGIONS
 
 ARCHITECTURES = ("unet", "basicunet")
 
+# Networks a job names by one word, so the server's persistor and every site build the same one.
+SEGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    # The 2D whole-tumour U-Net of ModalityBank's downstream task.
+    "unet2d-wt": {
+        "spatial_dims": 2,
+        "regions": ["WT"],
+        "n_modalities": 4,
+        "mask_channels": True,
+        "arch": "unet",
+        "channels": [16, 32, 64, 128, 256],
+        "num_res_units": 0,
+        "dropout": 0.0,
+        "roi_size": [96, 96],
+    },
+    # A tiny 2D U-Net for smoke tests and CI on 32x32 slices (not for results).
+    "unet2d-wt-tiny": {
+        "spatial_dims": 2,
+        "regions": ["WT"],
+        "n_modalities": 4,
+        "mask_channels": True,
+        "arch": "unet",
+        "channels": [4, 8, 16],
+        "num_res_units": 0,
+        "dropout": 0.0,
+        "roi_size": [32, 32],
+    },
+    # A small 3D WT/TC/ET U-Net that fits a CPU laptop (raise channels and patch on a GPU site).
+    "unet3d-brats": {
+        "spatial_dims": 3,
+        "regions": ["WT", "TC", "ET"],
+        "n_modalities": 4,
+        "mask_channels": True,
+        "arch": "unet",
+        "channels": [8, 16, 32, 64, 128],
+        "num_res_units": 1,
+        "dropout": 0.0,
+        "roi_size": [64, 64, 48],
+    },
+}
+
+
+def preset_net_args(name: str) -> dict[str, Any]:
+    """The `SegmentationNet` arguments of a named preset."""
+    if name not in SEGMENTATION_PRESETS:
+        raise ValueError(f"unknown segmentation network preset {name!r}; known: {sorted(SEGMENTATION_PRESETS)}")
+    return {k: list(v) if isinstance(v, list) else v for k, v in SEGMENTATION_PRESETS[name].items()}
+
 
 class SegmentationNet(nn.Module):
     """A MONAI U-Net with one sigmoid output channel per BraTS region (logits out).
@@ -107,3 +154,18 @@ class SegmentationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class NamedSegmentationNet(SegmentationNet):
+    """A `SegmentationNet` built from a preset name (`SEGMENTATION_PRESETS`); same weights layout.
+
+    Args:
+        preset: the preset's name, e.g. "unet2d-wt".
+    """
+
+    DEFAULT_PRESET = "unet2d-wt"
+    _always_serialize_args = ("preset",)  # NVFlare's job export writes it even at its default
+
+    def __init__(self, preset: str = DEFAULT_PRESET) -> None:
+        super().__init__(**preset_net_args(preset))
+        self.preset = preset

@@ -1,0 +1,18 @@
+"""Every fedmodal job, defined once with NVFlare's Job API from the settings dataclasses.
+
+`JOBS` maps a job's name to its definition (`fedmodal.jobs.spec.JobSpec`). The committed
+`jobs/<name>/` folders are `export_job(name, "jobs")`, kept byte-for-byte in sync by a test, so
+`nvflare simulator jobs/<name>`, `nvflare job submit -j jobs/<name>` and `fedmodal job run NAME
+--env sim|poc|prod` all run the same job.
+"""
+
+from __future__ import annotations
+
+from fedmodal.jobs.fedavg import FEDAVG
+from fedmodal.jobs.inventory import SITE_INVENTORY
+from fedmodal.jobs.modalitybank import MODALITYBANK, MODALITYBANK_ASYNDGAN
+from fedmodal.jobs.spec import JobSpec, export_job, parse_overrides
+
+JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (MODALITYBANK, MODALITYBANK_ASYNDGAN, FEDAVG, SITE_INVENTORY)}
+
+__all__ = ["JOBS", "JobSpec", "export_job", "parse_overrides"]

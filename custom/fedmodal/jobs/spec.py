@@ -1,0 +1,130 @@
+"""What a fedmodal job is: named sections of settings, and a function that builds the FedJob.
+
+A job's settings come in sections, one settings dataclass each (e.g. ModalityBank's
+"generator", "server", "site", "adversary"). `JobSpec.recipe(overrides)` builds NVFlare's
+`FedJob` from them and wraps it in a `Recipe`, which NVFlare's `SimEnv`, `PocEnv` and `ProdEnv`
+run and `export` writes as the classic job folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmodal.config import Settings, parse_value
+
+# NVFlare's `export` keeps the installed package's code out of the job's custom/ folder: sites
+# run fedmodal from their installed package, admitted by their class allow-list.
+APP_PACKAGES = ["fedmodal"]
+
+
+@dataclass
+class JobSpec:
+    """One job: its name, its settings sections, and how to build it.
+
+    Args:
+        name: the job's name (its folder under jobs/, and NVFlare's job name).
+        description: one line for `fedmodal job list`.
+        sections: section name -> settings dataclass.
+        build: (job name, resolved settings by section) -> FedJob.
+        defaults: section -> values this job uses instead of the dataclass defaults (e.g. the
+            AsynDGAN job's generator mode); command-line overrides still win.
+        min_clients: sites the job needs (meta.json's min_clients).
+    """
+
+    name: str
+    description: str
+    sections: dict[str, type[Settings]]
+    build: Callable[[str, dict[str, Settings], int], Any]
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    min_clients: int = 2
+
+    def settings(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Settings]:
+        """Every section's settings: dataclass defaults, then this job's, then `overrides`."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.sections))
+        if unknown:
+            raise ValueError(f"job {self.name} has no settings section {unknown}; sections: {sorted(self.sections)}")
+        return {
+            section: cls.from_dict(
+                {**self.defaults.get(section, {}), **overrides.get(section, {})}, where=f"job {self.name}, section {section}"
+            )
+            for section, cls in self.sections.items()
+        }
+
+    def job(self, overrides: Mapping[str, Mapping[str, Any]] | None = None):
+        """NVFlare's `FedJob` for these settings."""
+        job = self.build(self.name, self.settings(overrides), self.min_clients)
+        job.set_app_packages(APP_PACKAGES)
+        return job
+
+    def recipe(self, overrides: Mapping[str, Mapping[str, Any]] | None = None):
+        """An NVFlare `Recipe` of the job, for `SimEnv` / `PocEnv` / `ProdEnv` and `export`."""
+        from nvflare.recipe.spec import Recipe
+
+        class FedmodalRecipe(Recipe):
+            """A recipe around a job fedmodal builds itself (NVFlare's recipes are per workflow)."""
+
+        return FedmodalRecipe(self.job(overrides))
+
+
+def route_settings(spec: JobSpec, values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"generator.image_size": 96, "ndf": 64} -> {"generator": {"image_size": 96}, "adversary": {"ndf": 64}}.
+
+    A bare key must belong to exactly one section; "section.key" picks the section.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, dot, name = key.rpartition(".")
+        if dot:
+            if section not in spec.sections:
+                raise ValueError(f"{key!r}: job {spec.name} has no section {section!r}; sections: {sorted(spec.sections)}")
+            if name not in spec.sections[section].field_names():
+                raise ValueError(f"{key!r}: section {section!r} of job {spec.name} has no setting {name!r}")
+        else:
+            owners = [s for s, cls in spec.sections.items() if name in cls.field_names()]
+            if len(owners) != 1:
+                where = f"is in sections {owners}: write SECTION.{name}" if owners else f"is no setting of job {spec.name}"
+                raise ValueError(f"{key!r} {where}")
+            section = owners[0]
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def parse_overrides(spec: JobSpec, assignments: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`["generator.image_size=96", "ndf=64"]` (the command line's `--set`) as `route_settings` does.
+
+    Values are read as JSON where they parse (numbers, true/false, lists), else taken as text.
+    """
+    values = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE")
+        values[key] = parse_value(text)
+    return route_settings(spec, values)
+
+
+def export_job(spec: JobSpec, job_root: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Write the job's classic folder (meta.json, app/config/*.json) to `<job_root>/<name>`."""
+    spec.recipe(overrides).export(str(job_root))
+    return Path(job_root) / spec.name
+
+
+def add_payload_audit(job, tasks: Sequence[str]) -> None:
+    """The payload audit on everything that enters or leaves a site for `tasks` (a deployed site
+    also audits through its privacy scope; the filter records each payload once).
+
+    One filter entry per task: NVFlare keeps a filter's tasks as a set, whose order would make
+    the exported config differ from run to run.
+    """
+    from nvflare.job_config.defs import FilterType
+
+    from fedmodal.fl.audit import PayloadAuditFilter
+
+    for task in tasks:
+        job.to_clients(PayloadAuditFilter(direction="in"), filter_type=FilterType.TASK_DATA, tasks=[task])
+    for task in tasks:
+        job.to_clients(PayloadAuditFilter(direction="out"), filter_type=FilterType.TASK_RESULT, tasks=[task])

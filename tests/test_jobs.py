@@ -1,0 +1,96 @@
+"""fedmodal.jobs: every job defined once; the committed folders are exactly its export."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmodal.jobs import JOBS
+from fedmodal.jobs.spec import export_job, parse_overrides, route_settings
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "jobs"
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".__nvfl"))
+
+
+def test_every_committed_job_folder_is_a_job_definition():
+    assert sorted(p.name for p in COMMITTED.iterdir() if p.is_dir()) == sorted(JOBS)
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_committed_folder_is_byte_for_byte_its_export(name, tmp_path):
+    exported = export_job(JOBS[name], tmp_path)
+    committed = COMMITTED / name
+    assert tree(exported) == tree(committed), f"regenerate with: fedmodal job export {name} jobs/"
+    for rel in tree(exported):
+        same = filecmp.cmp(exported / rel, committed / rel, shallow=False)
+        assert same, f"jobs/{name}/{rel} differs from its export; regenerate with: fedmodal job export {name} jobs/"
+    # Configuration only: sites run the installed package, never code shipped in the job.
+    assert not any("custom" in Path(rel).parts for rel in tree(committed))
+
+
+def test_asyndgan_job_differs_from_modalitybank_only_by_mode_and_name(tmp_path):
+    bank = export_job(JOBS["modalitybank"], tmp_path / "a")
+    asyndgan = export_job(JOBS["modalitybank-asyndgan"], tmp_path / "b")
+    a = json.loads((bank / "app/config/config_fed_server.json").read_text())["workflows"][0]
+    b = json.loads((asyndgan / "app/config/config_fed_server.json").read_text())["workflows"][0]
+    assert (a["id"], b["id"]) == ("modalitybank", "asyndgan")
+    assert a["args"]["generator"].pop("mode") == "bank" and b["args"]["generator"].pop("mode") == "asyndgan"
+    assert a["args"] == b["args"]
+    assert (bank / "app/config/config_fed_client.json").read_text() == (asyndgan / "app/config/config_fed_client.json").read_text()
+
+
+def test_settings_are_routed_to_their_section_and_typos_are_refused():
+    spec = JOBS["modalitybank"]
+    assert route_settings(spec, {"image_size": 96, "ndf": 64, "server.device": "cpu"}) == {
+        "generator": {"image_size": 96},
+        "adversary": {"ndf": 64},
+        "server": {"device": "cpu"},
+    }
+    assert parse_overrides(spec, ["bank_steps=10", "target_modalities=[\"t2\"]", "site.split=all"]) == {
+        "generator": {"bank_steps": 10, "target_modalities": ["t2"]},
+        "site": {"split": "all"},
+    }
+    with pytest.raises(ValueError, match="in sections"):
+        route_settings(spec, {"device": "cpu"})  # both the server and the sites have a device
+    with pytest.raises(ValueError, match="no setting of job modalitybank"):
+        route_settings(spec, {"image_sise": 96})
+    with pytest.raises(ValueError, match="unknown GeneratorConfig settings"):
+        spec.settings({"generator": {"image_sise": 96}})
+
+
+def test_a_component_refuses_an_unknown_setting_naming_it():
+    from fedmodal.modalitybank.controller import ModalityBankController
+    from fedmodal.modalitybank.executor import ModalityBankExecutor
+
+    with pytest.raises(ValueError, match=r"\['ngff'\] in the controller's generator"):
+        ModalityBankController(generator={"ngff": 8})
+    with pytest.raises(ValueError, match=r"\['ndff'\] in the ModalityBank executor's adversary"):
+        ModalityBankExecutor(adversary={"ndff": 8})
+
+
+def test_fedavg_server_and_sites_name_the_same_network(tmp_path):
+    job = export_job(JOBS["fedavg"], tmp_path, route_settings(JOBS["fedavg"], {"seg.net": "unet2d-wt-tiny"}))
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    client = json.loads((job / "app/config/config_fed_client.json").read_text())
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    assert persistor["args"]["model"]["args"] == {"preset": "unet2d-wt-tiny"}
+    assert client["executors"][0]["executor"]["args"]["seg"]["net"] == "unet2d-wt-tiny"
+    assert "channels" not in client["executors"][0]["executor"]["args"]["seg"]  # named once, by the preset
+
+
+def test_job_list_and_export_commands(tmp_path, capsys):
+    from fedmodal.cli import main
+
+    assert main(["job", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in JOBS)
+    assert main(["job", "export", "modalitybank", str(tmp_path), "--set", "bank_steps=7"]) == 0
+    server = json.loads((tmp_path / "modalitybank/app/config/config_fed_server.json").read_text())
+    assert server["workflows"][0]["args"]["generator"]["bank_steps"] == 7
