@@ -341,7 +341,7 @@ def test_modalitybank_direct_steps_across_processes(federation, tmp_path):
     # pretrain trains the source (T1), the bank the other modalities some site holds.
     phantoms = json.loads((federation["data"] / "federation.json").read_text())["sites"]
     held_anywhere = {m for s in phantoms.values() for m in s["modalities"]}
-    source = server_args["source_modality"]
+    source = server_args["generator"]["source_modality"]
     phase_modalities = {"pretrain": {source}, "bank": held_anywhere - {source}}
     for i, site in enumerate(SITES, start=1):
         holds = set(phantoms[f"site-{i}"]["modalities"])

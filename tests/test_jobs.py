@@ -94,3 +94,26 @@ def test_job_list_and_export_commands(tmp_path, capsys):
     assert main(["job", "export", "modalitybank", str(tmp_path), "--set", "bank_steps=7"]) == 0
     server = json.loads((tmp_path / "modalitybank/app/config/config_fed_server.json").read_text())
     assert server["workflows"][0]["args"]["generator"]["bank_steps"] == 7
+
+
+@pytest.mark.integration
+def test_job_run_in_simenv_needs_no_allow_list_step(tmp_path):
+    """`fedmodal job run NAME --env sim` runs NVFlare's SimEnv in a fresh workspace: the
+    allow-list is written for it, so no `local/` copy step is needed."""
+    import os
+    import subprocess
+    import sys
+
+    from fedmodal.data.phantoms import build_federation
+
+    data = build_federation(tmp_path / "data", shape=(32, 32, 24), cases_per_site=2, test_cases=1)
+    env = {**os.environ, "HOME": str(tmp_path), "FEDMODAL_DATA_ROOT": str(data)}
+    fedmodal = Path(sys.executable).with_name("fedmodal")
+    done = subprocess.run(
+        [str(fedmodal), "job", "run", "site-inventory", "--env", "sim", "-n", "3", "--workspace", str(tmp_path / "ws")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    inventory = json.loads((tmp_path / "ws/site-inventory/server/simulate_job/inventory.json").read_text())
+    assert [s["site"] for s in inventory["sites"]] == ["site-1", "site-2", "site-3"]
+    assert inventory["failed_sites"] == {}

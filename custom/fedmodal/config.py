@@ -19,6 +19,8 @@ S = TypeVar("S", bound="Settings")
 class Settings:
     """Mixin for `@dataclass` settings: `from_dict`, `to_dict`, `with_values`, `field_names`."""
 
+    settings_name = ""  # how errors name these settings (default: the class name)
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
@@ -36,7 +38,7 @@ class Settings:
         unknown = sorted(set(values) - set(known))
         if unknown:
             place = f" in {where}" if where else ""
-            raise ValueError(f"unknown {cls.__name__} settings {unknown}{place}; known: {sorted(known)}")
+            raise ValueError(f"unknown {cls.settings_name or cls.__name__} settings {unknown}{place}; known: {sorted(known)}")
         hints = typing.get_type_hints(cls)
         for name, value in values.items():
             if isinstance(value, list) and "tuple" in str(hints.get(name, "")):

@@ -62,6 +62,8 @@ class SegConfig(Settings):
         cache: keep loaded, normalised cases in memory (fast epochs; needs RAM for real BraTS).
     """
 
+    settings_name = "segmentation"
+
     net: str = ""
     spatial_dims: int = 2
     regions: tuple[str, ...] = ()
