@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmodal import MODALITIES
+from fedmodal.brats import MODALITIES
 from fedmodal.data.datasets import (
     SynthesisSlices,
     case_record,
@@ -18,7 +18,7 @@ from fedmodal.data.datasets import (
     segmentation_transforms,
     to_canonical_labels,
 )
-from fedmodal.data.layouts import discover_cases
+from fedmodal.data.discovery import discover_cases
 from test_layouts import SHAPE, tiny_case_arrays, write_case, write_volume
 
 torch.set_num_threads(1)

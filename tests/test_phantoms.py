@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedmodal import MODALITIES
+from fedmodal.brats import ET_LABEL, MODALITIES
 from fedmodal.data import phantoms
-from fedmodal.data.layouts import ET_LABEL, case_file_paths
+from fedmodal.data.layouts import case_file_paths
 
 SHAPE = (48, 48, 32)  # 5 mm voxels: small and fast, tumours still have all three regions
 TINY = (32, 32, 20)  # for layout-only checks
@@ -206,7 +206,7 @@ def test_labels_use_the_layouts_et_value(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["brats2018", "brats2020", "brats2021", "brats2023"])
 def test_sites_read_back_through_the_layout_discovery(tmp_path, layout):
     from fedmodal.data.checks import check_case
-    from fedmodal.data.layouts import detect_release, discover_cases
+    from fedmodal.data.discovery import detect_release, discover_cases
 
     root = phantoms.build_federation(tmp_path / layout, layout=layout, shape=TINY, cases_per_site=2,
                                      test_cases=1, workers=1)

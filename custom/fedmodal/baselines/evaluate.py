@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmodal import MODALITIES
+from fedmodal.brats import MODALITIES
 from fedmodal.metrics import REGIONS, SEGMENTATION_METRICS, format_table, segmentation_scores, summarise
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedmodal.baselines.data import load_site, load_volumes
-    from fedmodal.data.layouts import canonical_modality
+    from fedmodal.brats import canonical_modality
     from fedmodal.fl.site import select_device
 
     device = select_device(args.device, args.num_threads)

@@ -24,7 +24,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from fedmodal import MODALITIES
+from fedmodal.brats import MODALITIES
 from fedmodal.baselines.config import SegConfig
 from fedmodal.baselines.data import drop_modalities, network_input, region_targets, regions_to_label
 from fedmodal.metrics import segmentation_scores, summarise

@@ -9,45 +9,15 @@ two files for one modality, or a missing seg when one is needed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import nibabel as nib
 import numpy as np
 
-from fedmodal.data.layouts import RELEASE_LABELS, CaseFiles
+from fedmodal.brats import CAVITY_LABEL_ON_DISK, RELEASE_LABELS
+from fedmodal.data.errors import DataError
+from fedmodal.data.layouts import CaseFiles
 
 # Affines of co-registered BraTS volumes are identical; allow float noise from resaving.
 AFFINE_TOLERANCE = 1e-3
-CAVITY_LABEL_ON_DISK = 4  # brats2023+: resection cavity (2024 GLI post-treatment)
-
-
-class DataError(Exception):
-    """A problem with a site's data, naming where it is.
-
-    Args:
-        site: the site's name.
-        case: the case id, or None for a site-level problem.
-        file: the offending file or folder, or None.
-        problem: what is wrong, in words a site's IT person can act on.
-    """
-
-    def __init__(self, site: str | None, case: str | None, file: str | Path | None, problem: str) -> None:
-        self.site = site
-        self.case = case
-        self.file = str(file) if file is not None else None
-        self.problem = problem
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = [f"site {self.site!r}" if self.site else None, f"case {self.case}" if self.case else None, self.file]
-        return ": ".join([w for w in where if w] + [self.problem])
-
-    def __reduce__(self):  # keep the attributes through pickling (multiprocessing, NVFlare)
-        return (self.__class__, (self.site, self.case, self.file, self.problem))
-
-    def to_record(self) -> dict[str, Any]:
-        """JSON-able record, as kept in ``SiteManifest.problems``."""
-        return {"site": self.site, "case": self.case, "file": self.file, "problem": self.problem}
 
 
 def _read_volume(path: Path, site: str, case_id: str) -> tuple[np.ndarray, np.ndarray]:

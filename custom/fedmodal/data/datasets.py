@@ -44,12 +44,11 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-from fedmodal import MODALITIES
-from fedmodal.data.layouts import ET_LABEL, CaseFiles, canonical_modality
+from fedmodal.brats import ET_LABEL, MODALITIES, N_LABELS, canonical_modality
+from fedmodal.data.layouts import CaseFiles
 
 logger = logging.getLogger(__name__)
 
-N_LABELS = 4  # canonical 0..3
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 SEG_KEYS = ("image", "label", "brain")
 

@@ -25,23 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmodal import MODALITIES
-from fedmodal.data.checks import DataError, check_case
-from fedmodal.data.layouts import (
-    ET_LABEL,
-    SITE_FILE,
-    CaseFiles,
-    canonical_modality,
-    detect_release,
-    discover_cases,
-    with_synthetic,
-)
+from fedmodal.brats import ET_LABEL, MODALITIES, canonical_modality, ordered_modalities
+from fedmodal.data.checks import check_case
+from fedmodal.data.discovery import detect_release, discover_cases
+from fedmodal.data.errors import DataError
+from fedmodal.data.layouts import CaseFiles, with_synthetic
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 ON_ERROR = ("skip", "stop")
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
+SITE_FILE = "fedmodal_site.json"  # a site's declaration, in its data folder
 
 LABEL_CONVENTIONS = {
     4: "on disk 0 background, 1 NCR, 2 ED, 4 ET (ET mapped 4->3 on load)",
@@ -284,7 +279,7 @@ def build_manifest(
         excluded_set = {canonical_modality(m) for m in [*declared.get("exclude_modalities", []), *exclude_modalities]}
     except KeyError as error:
         raise DataError(site, None, root / SITE_FILE, f"exclude_modalities: {error.args[0]}") from error
-    excluded = tuple(m for m in MODALITIES if m in excluded_set)
+    excluded = ordered_modalities(excluded_set)
 
     try:
         release = detect_release(root)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmodal import MODALITIES
-from fedmodal.data.layouts import ET_LABEL, release_of_folder, read_case_folder
+from fedmodal.brats import ET_LABEL, MODALITIES, MODALITY_TITLES
+from fedmodal.data.discovery import read_case_folder
+from fedmodal.data.layouts import release_of_folder
 
-MODALITY_TITLES = {"t1": "T1", "t1ce": "T1c", "t2": "T2", "flair": "FLAIR"}
 # BraTS's usual colours: necrosis red, oedema green, enhancing yellow (resection cavity blue).
 LABEL_COLOURS = {"necrosis": (0.9, 0.1, 0.1), "oedema": (0.1, 0.8, 0.2), "enhancing": (1.0, 0.9, 0.0),
                  "cavity": (0.2, 0.4, 1.0)}

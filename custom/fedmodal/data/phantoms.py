@@ -47,8 +47,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fedmodal import MODALITIES
-from fedmodal.data.layouts import ET_LABEL, RELEASES, case_file_paths, make_case_id
+from fedmodal.brats import MODALITIES
+from fedmodal.brats import ET_LABEL, RELEASES
+from fedmodal.data.layouts import case_file_paths, make_case_id
 
 try:  # POSIX advisory locks; elsewhere the atomic rename alone settles a race.
     import fcntl
