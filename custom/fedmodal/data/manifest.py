@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmodal.atomic import write_json_atomically
 from fedmodal.brats import ET_LABEL, MODALITIES, canonical_modality, ordered_modalities
 from fedmodal.data.checks import check_case
 from fedmodal.data.discovery import detect_release, discover_cases
@@ -65,20 +64,6 @@ def _check_fractions(split: Any) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split must be three non-negative fractions (train, val, test) summing to 1, got {split}")
     return fractions  # type: ignore[return-value]
-
-
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -166,7 +151,7 @@ class SiteManifest:
             "notes": self.notes,
             "cases": [_case_to_record(case, self.root) for case in self.cases],
         }
-        _write_json_atomically(path, payload)
+        write_json_atomically(path, payload)
 
     @classmethod
     def from_json(cls, path: str | Path, root: str | Path | None = None) -> "SiteManifest":
