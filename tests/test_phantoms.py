@@ -243,13 +243,13 @@ def test_reuse_refuse_overwrite(tmp_path):
 
 def test_racing_builders_share_one_build(tmp_path, monkeypatch):
     calls = []
-    real = phantoms._build_into
+    real = phantoms.cache.build_into
 
     def counting(folder, spec, workers):
         calls.append(folder)
         return real(folder, spec, workers)
 
-    monkeypatch.setattr(phantoms, "_build_into", counting)
+    monkeypatch.setattr(phantoms.cache, "build_into", counting)  # where the builder looks it up
     root = tmp_path / "shared"
     results, errors = [], []
 
