@@ -233,36 +233,6 @@ def condition_map(label: np.ndarray | torch.Tensor, brain: np.ndarray | torch.Te
     return torch.from_numpy(out) if as_torch else out
 
 
-class ScaleBrainPercentilesd(MapTransform):
-    """Scale each image channel to [-1, 1] from brain percentiles; background and missing -1.
-
-    Args:
-        keys: image key(s).
-        brain_key: the brain mask key.
-        avail_key: the availability mask key (unavailable channels become -1).
-        lower: lower percentile.
-        upper: upper percentile.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        brain_key: str = "brain",
-        avail_key: str = "avail",
-        lower: float = 0.1,
-        upper: float = 99.9,
-    ) -> None:
-        super().__init__(keys)
-        self.brain_key, self.avail_key, self.lower, self.upper = brain_key, avail_key, lower, upper
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            scaled = normalise_for_synthesis(d[key], d[self.brain_key], d.get(self.avail_key), self.lower, self.upper)
-            d[key] = _like(d[key], scaled)
-        return d
-
-
 class ZScoreOverBraind(MapTransform):
     """Z-score each available channel over the brain mask; zero outside the brain and in missing channels.
 
@@ -642,7 +612,3 @@ class SynthesisSlices(torch.utils.data.Dataset):
         if key not in self._index:
             raise KeyError(f"no slice {key!r} in this SynthesisSlices ({len(self.keys)} slices)")
         return self[self._index[key]]
-
-    def indices_of_keys(self, keys: Sequence[str]) -> list[int]:
-        """Positions of several keys, e.g. to rebuild a batch the server named."""
-        return [self._index[k] for k in keys]

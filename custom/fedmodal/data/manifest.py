@@ -107,10 +107,6 @@ class SiteManifest:
         wanted = set(self.split.get(split, []))
         return [case for case in self.cases if case.case_id in wanted]
 
-    def case_modalities(self) -> dict[str, tuple[str, ...]]:
-        """Case id -> modalities its files hold (before exclusion)."""
-        return {case.case_id: case.modalities for case in self.cases}
-
     def summary(self) -> dict[str, Any]:
         """JSON-able overview (no voxel data, no paths beyond the root)."""
         held = Counter(m for case in self.cases for m in case.modalities)
