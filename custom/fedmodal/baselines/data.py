@@ -23,13 +23,9 @@ from monai.transforms import Compose
 
 from fedmodal.brats import ENHANCING, MODALITIES, NECROSIS, OEDEMA, REGION_LABELS, ordered_modalities
 from fedmodal.baselines.config import SegConfig
-from fedmodal.data.datasets import (
-    LoadBraTSCased,
-    ZScoreOverBraind,
-    case_record,
-    segmentation_dataset,
-    segmentation_transforms,
-)
+from fedmodal.data.datasets import segmentation_dataset
+from fedmodal.data.loading import LoadBraTSCased, case_record
+from fedmodal.data.transforms import ZScoreOverBraind, segmentation_transforms
 from fedmodal.data.layouts import CaseFiles
 from fedmodal.data.manifest import build_manifest
 

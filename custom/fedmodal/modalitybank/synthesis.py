@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fedmodal.atomic import save_atomically
-from fedmodal.data.datasets import brain_crop_box, condition_map, load_case
+from fedmodal.data.datasets import brain_crop_box, condition_map
+from fedmodal.data.loading import load_case
 from fedmodal.data.layouts import CaseFiles, synthetic_file
 
 logger = logging.getLogger(__name__)
