@@ -8,8 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedmodal.data.checks import DataError, check_case
-from fedmodal.data.layouts import discover_cases
+from fedmodal.data.checks import check_case
+from fedmodal.data.discovery import discover_cases
+from fedmodal.data.errors import DataError
 from test_layouts import SHAPE, write_case, write_volume
 
 SITE = "site-7"

@@ -12,18 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedmodal import MODALITIES
-from fedmodal.data.checks import DataError
-from fedmodal.data.layouts import (
-    ET_LABEL,
-    MODALITY_ALIASES,
-    RELEASES,
-    canonical_modality,
-    case_file_paths,
-    detect_release,
-    discover_cases,
-    make_case_id,
-)
+from fedmodal.brats import ET_LABEL, MODALITIES, MODALITY_ALIASES, RELEASES, canonical_modality
+from fedmodal.data.discovery import detect_release, discover_cases
+from fedmodal.data.errors import DataError
+from fedmodal.data.layouts import case_file_paths, make_case_id
 
 SHAPE = (8, 8, 6)
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])

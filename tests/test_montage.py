@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from fedmodal.data import montage, phantoms
-from fedmodal.data.layouts import case_file_paths, read_case_folder
+from fedmodal.data.discovery import read_case_folder
+from fedmodal.data.layouts import case_file_paths
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedmodal import MODALITIES
+from fedmodal.brats import ET_LABEL, MODALITIES
 from fedmodal.data import phantoms
-from fedmodal.data.layouts import ET_LABEL, case_file_paths
+from fedmodal.data.layouts import case_file_paths
 
 SHAPE = (48, 48, 32)  # 5 mm voxels: small and fast, tumours still have all three regions
 TINY = (32, 32, 20)  # for layout-only checks
@@ -206,7 +206,7 @@ def test_labels_use_the_layouts_et_value(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["brats2018", "brats2020", "brats2021", "brats2023"])
 def test_sites_read_back_through_the_layout_discovery(tmp_path, layout):
     from fedmodal.data.checks import check_case
-    from fedmodal.data.layouts import detect_release, discover_cases
+    from fedmodal.data.discovery import detect_release, discover_cases
 
     root = phantoms.build_federation(tmp_path / layout, layout=layout, shape=TINY, cases_per_site=2,
                                      test_cases=1, workers=1)
@@ -243,13 +243,13 @@ def test_reuse_refuse_overwrite(tmp_path):
 
 def test_racing_builders_share_one_build(tmp_path, monkeypatch):
     calls = []
-    real = phantoms._build_into
+    real = phantoms.cache.build_into
 
     def counting(folder, spec, workers):
         calls.append(folder)
         return real(folder, spec, workers)
 
-    monkeypatch.setattr(phantoms, "_build_into", counting)
+    monkeypatch.setattr(phantoms.cache, "build_into", counting)  # where the builder looks it up
     root = tmp_path / "shared"
     results, errors = [], []
 

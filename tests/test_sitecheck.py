@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedmodal.cli import main
-from fedmodal.data.checks import DataError
+from fedmodal.data.errors import DataError
 from fedmodal.data.manifest import SiteManifest, build_manifest, split_of
 from test_layouts import SHAPE, write_case, write_volume
 

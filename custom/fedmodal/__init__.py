@@ -1,6 +1,7 @@
 """fedmodal: federated multi-modal brain MRI learning on NVIDIA FLARE."""
 
+from fedmodal.brats import MODALITIES  # the canonical order, re-exported for callers
+
 __version__ = "0.1.0"
 
-# Canonical modality order, used everywhere in the project.
-MODALITIES = ("t1", "t1ce", "t2", "flair")
+__all__ = ["MODALITIES", "__version__"]

@@ -22,6 +22,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
+from fedmodal.atomic import write_text_atomically
+
 TABLE_MD = "cross_site_table.md"
 TABLE_JSON = "cross_site_table.json"
 
@@ -98,8 +100,5 @@ class CrossSiteTable(Widget):
         table = cross_site_markdown(self.results, self.metrics)
         text = "# Cross-site evaluation (rows: models; columns: the site whose test split scored them)\n\n" + table + "\n"
         for name, content in ((TABLE_MD, text), (TABLE_JSON, json.dumps(self.results, indent=2))):
-            path = os.path.join(folder, name)
-            with open(path + ".tmp", "w") as f:
-                f.write(content)
-            os.replace(path + ".tmp", path)
+            write_text_atomically(os.path.join(folder, name), content)
         self.log_info(fl_ctx, f"cross-site evaluation:\n{table}")

@@ -21,15 +21,11 @@ import torch
 from monai.data import DataLoader, list_data_collate
 from monai.transforms import Compose
 
-from fedmodal import MODALITIES
+from fedmodal.brats import ENHANCING, MODALITIES, NECROSIS, OEDEMA, REGION_LABELS, ordered_modalities
 from fedmodal.baselines.config import SegConfig
-from fedmodal.data.datasets import (
-    LoadBraTSCased,
-    ZScoreOverBraind,
-    case_record,
-    segmentation_dataset,
-    segmentation_transforms,
-)
+from fedmodal.data.datasets import segmentation_dataset
+from fedmodal.data.loading import LoadBraTSCased, case_record
+from fedmodal.data.transforms import ZScoreOverBraind, segmentation_transforms
 from fedmodal.data.layouts import CaseFiles
 from fedmodal.data.manifest import build_manifest
 
@@ -145,7 +141,7 @@ def pool_sites(sites: Sequence[SiteData]) -> SiteData:
     union = {m for s in sites for m in s.modalities}
     return SiteData(
         name="+".join(s.name for s in sites),
-        modalities=tuple(m for m in MODALITIES if m in union),
+        modalities=ordered_modalities(union),
         splits=splits,
         synthetic={k: v for s in sites for k, v in s.synthetic.items()},
         problems=[p for s in sites for p in s.problems],
@@ -241,13 +237,13 @@ def network_input(image: torch.Tensor, avail: torch.Tensor, mask_channels: bool 
 def region_targets(label: torch.Tensor, regions: Sequence[str]) -> torch.Tensor:
     """Canonical labels (B, 1, *S) -> one binary float channel per region (B, R, *S).
 
-    WT = {1, 2, 3}, TC = {1, 3}, ET = {3}.
+    Regions hold the labels of ``fedmodal.brats.REGION_LABELS``: WT = {1, 2, 3}, TC = {1, 3}, ET = {3}.
     """
     label = label.long()
     if label.ndim >= 2 and label.shape[1] == 1:
         label = label[:, 0]
-    masks = {"WT": label > 0, "TC": (label == 1) | (label == 3), "ET": label == 3}
-    return torch.stack([masks[r] for r in regions], dim=1).float()
+    masks = [torch.isin(label, torch.tensor(REGION_LABELS[r], device=label.device)) for r in regions]
+    return torch.stack(masks, dim=1).float()
 
 
 def regions_to_label(masks: torch.Tensor | np.ndarray, regions: Sequence[str]) -> np.ndarray:
@@ -256,7 +252,7 @@ def regions_to_label(masks: torch.Tensor | np.ndarray, regions: Sequence[str]) -
     masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
     masks = masks.astype(bool)
     label = np.zeros(masks.shape[1:], dtype=np.int64)
-    for value, region in ((2, "WT"), (1, "TC"), (3, "ET")):
+    for value, region in ((OEDEMA, "WT"), (NECROSIS, "TC"), (ENHANCING, "ET")):
         if region in regions:
             label[masks[list(regions).index(region)]] = value
     return label

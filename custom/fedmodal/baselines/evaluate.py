@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from fedmodal import MODALITIES
+from fedmodal.atomic import open_atomically, write_text_atomically
+from fedmodal.brats import MODALITIES
 from fedmodal.metrics import REGIONS, SEGMENTATION_METRICS, format_table, segmentation_scores, summarise
 
 logger = logging.getLogger(__name__)
@@ -136,9 +136,9 @@ def write_results(rows: Mapping[str, Mapping[str, Any]], out_dir: str | Path, ti
         lines += [f"- {k}: {v}" for k, v in context.items()] + [""]
     lines += [markdown_tables(rows), ""]
     lines += ["Inputs per model: " + "; ".join(f"{n}: {', '.join(r['modalities']) or '-'}" for n, r in rows.items()), ""]
-    _atomic_text(paths["md"], "\n".join(lines))
+    write_text_atomically(paths["md"], "\n".join(lines))  # ends in "\n": the last line is empty
 
-    with _atomic_open(paths["csv"]) as f:
+    with open_atomically(paths["csv"], newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "region", "metric", "mean", "std", "n"])
         for name, row in rows.items():
@@ -148,7 +148,7 @@ def write_results(rows: Mapping[str, Mapping[str, Any]], out_dir: str | Path, ti
                         s = metrics[metric]
                         writer.writerow([name, region, metric, f"{s['mean']:.6g}", f"{s['std']:.6g}", s["n"]])
 
-    with _atomic_open(paths["cases"]) as f:
+    with open_atomically(paths["cases"], newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "case_id", "region", *SEGMENTATION_METRICS])
         for name, row in rows.items():
@@ -164,30 +164,8 @@ def write_results(rows: Mapping[str, Mapping[str, Any]], out_dir: str | Path, ti
             for name, row in rows.items()
         },
     }
-    _atomic_text(paths["json"], json.dumps(payload, indent=2, default=float))
+    write_text_atomically(paths["json"], json.dumps(payload, indent=2, default=float) + "\n")
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text + ("" if text.endswith("\n") else "\n"))
-    os.replace(temp, path)
-
-
-class _atomic_open:
-    def __init__(self, path: Path):
-        self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
-
-    def __enter__(self):
-        self.handle = open(self.temp, "w", newline="")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb):
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.temp, self.path)
-        else:
-            self.temp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -224,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedmodal.baselines.data import load_site, load_volumes
-    from fedmodal.data.layouts import canonical_modality
+    from fedmodal.brats import canonical_modality
     from fedmodal.fl.site import select_device
 
     device = select_device(args.device, args.num_threads)

@@ -45,8 +45,8 @@ def resolve_root(data_root: str | None, preset: str) -> Path:
 
 
 def _holds_cases(folder: Path) -> bool:
-    from fedmodal.data.checks import DataError
-    from fedmodal.data.layouts import detect_release
+    from fedmodal.data.discovery import detect_release
+    from fedmodal.data.errors import DataError
 
     try:
         detect_release(folder)

@@ -12,8 +12,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +22,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from fedmodal import MODALITIES
+from fedmodal.atomic import save_atomically
+from fedmodal.brats import MODALITIES
 from fedmodal.baselines.config import SegConfig
 from fedmodal.baselines.data import drop_modalities, network_input, region_targets, regions_to_label
 from fedmodal.metrics import segmentation_scores, summarise
@@ -258,15 +257,7 @@ def save_checkpoint(path: str | Path, trainer: SegTrainer, meta: Mapping[str, An
         "state_dict": {k: v.detach().cpu() for k, v in trainer.net.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomically(path, lambda temp: torch.save(payload, temp))
 
 
 def _persistor_spec(path: Path) -> dict[str, Any] | None:

@@ -9,59 +9,13 @@ two files for one modality, or a missing seg when one is needed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from fedmodal.data.layouts import RELEASE_LABELS, CaseFiles
-
-# Affines of co-registered BraTS volumes are identical; allow float noise from resaving.
-AFFINE_TOLERANCE = 1e-3
-CAVITY_LABEL_ON_DISK = 4  # brats2023+: resection cavity (2024 GLI post-treatment)
-
-
-class DataError(Exception):
-    """A problem with a site's data, naming where it is.
-
-    Args:
-        site: the site's name.
-        case: the case id, or None for a site-level problem.
-        file: the offending file or folder, or None.
-        problem: what is wrong, in words a site's IT person can act on.
-    """
-
-    def __init__(self, site: str | None, case: str | None, file: str | Path | None, problem: str) -> None:
-        self.site = site
-        self.case = case
-        self.file = str(file) if file is not None else None
-        self.problem = problem
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = [f"site {self.site!r}" if self.site else None, f"case {self.case}" if self.case else None, self.file]
-        return ": ".join([w for w in where if w] + [self.problem])
-
-    def __reduce__(self):  # keep the attributes through pickling (multiprocessing, NVFlare)
-        return (self.__class__, (self.site, self.case, self.file, self.problem))
-
-    def to_record(self) -> dict[str, Any]:
-        """JSON-able record, as kept in ``SiteManifest.problems``."""
-        return {"site": self.site, "case": self.case, "file": self.file, "problem": self.problem}
-
-
-def _read_volume(path: Path, site: str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI fully (a truncated .gz fails only when the data are read)."""
-    try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-    except Exception as error:  # nibabel raises many types (EOFError, zlib.error, ImageFileError...)
-        raise DataError(site, case_id, path, f"unreadable NIfTI ({type(error).__name__}: {error})") from error
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(site, case_id, path, f"expected a 3D volume, got shape {tuple(data.shape)}")
-    return data, np.asarray(image.affine, dtype=np.float64)
+from fedmodal.brats import CAVITY_LABEL_ON_DISK, RELEASE_LABELS
+from fedmodal.data.cases import iter_case_files
+from fedmodal.data.errors import DataError
+from fedmodal.data.layouts import CaseFiles
 
 
 def check_case(
@@ -73,7 +27,7 @@ def check_case(
     """Check one case's files; raise :class:`DataError` for the first problem found.
 
     Args:
-        case: the case, from ``layouts.discover_cases``.
+        case: the case, from ``discovery.discover_cases``.
         site: the site's name, for the error message.
         need_seg: whether a case without a segmentation is an error.
         modalities: only check these modalities (default: every one the case holds).
@@ -92,29 +46,7 @@ def check_case(
     if need_seg and case.seg is None:
         raise DataError(site, case_id, case.folder, "no segmentation file (*_seg.nii[.gz]) but one is needed")
 
-    names = [m for m in case.modalities if modalities is None or m in modalities]
-    files = [(m, case.images[m]) for m in names]
-    if case.seg is not None:
-        files.append(("seg", case.seg))
-
-    reference: tuple[str, tuple[int, ...], np.ndarray] | None = None
-    for token, path in files:
-        data, affine = _read_volume(path, site, case_id)
-        if reference is None:
-            reference = (token, data.shape, affine)
-        else:
-            ref_token, ref_shape, ref_affine = reference
-            if data.shape != ref_shape:
-                raise DataError(
-                    site, case_id, path, f"shape {data.shape} differs from {ref_token}'s {ref_shape}"
-                )
-            if not np.allclose(affine, ref_affine, atol=AFFINE_TOLERANCE):
-                raise DataError(
-                    site,
-                    case_id,
-                    path,
-                    f"affine differs from {ref_token}'s (not co-registered?):\n{affine}\nvs\n{ref_affine}",
-                )
+    for token, path, data, _affine in iter_case_files(case, site, modalities):
         if np.issubdtype(data.dtype, np.floating):
             finite = np.isfinite(data)
             if not finite.all():

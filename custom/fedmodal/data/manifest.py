@@ -18,30 +18,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmodal import MODALITIES
-from fedmodal.data.checks import DataError, check_case
-from fedmodal.data.layouts import (
-    ET_LABEL,
-    SITE_FILE,
-    CaseFiles,
-    canonical_modality,
-    detect_release,
-    discover_cases,
-    with_synthetic,
-)
+from fedmodal.atomic import write_json_atomically
+from fedmodal.brats import ET_LABEL, MODALITIES, canonical_modality, ordered_modalities
+from fedmodal.data.checks import check_case
+from fedmodal.data.discovery import detect_release, discover_cases
+from fedmodal.data.errors import DataError
+from fedmodal.data.layouts import CaseFiles, with_synthetic
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 ON_ERROR = ("skip", "stop")
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
+SITE_FILE = "fedmodal_site.json"  # a site's declaration, in its data folder
 
 LABEL_CONVENTIONS = {
     4: "on disk 0 background, 1 NCR, 2 ED, 4 ET (ET mapped 4->3 on load)",
@@ -70,20 +64,6 @@ def _check_fractions(split: Any) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split must be three non-negative fractions (train, val, test) summing to 1, got {split}")
     return fractions  # type: ignore[return-value]
-
-
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -127,10 +107,6 @@ class SiteManifest:
         wanted = set(self.split.get(split, []))
         return [case for case in self.cases if case.case_id in wanted]
 
-    def case_modalities(self) -> dict[str, tuple[str, ...]]:
-        """Case id -> modalities its files hold (before exclusion)."""
-        return {case.case_id: case.modalities for case in self.cases}
-
     def summary(self) -> dict[str, Any]:
         """JSON-able overview (no voxel data, no paths beyond the root)."""
         held = Counter(m for case in self.cases for m in case.modalities)
@@ -171,7 +147,7 @@ class SiteManifest:
             "notes": self.notes,
             "cases": [_case_to_record(case, self.root) for case in self.cases],
         }
-        _write_json_atomically(path, payload)
+        write_json_atomically(path, payload)
 
     @classmethod
     def from_json(cls, path: str | Path, root: str | Path | None = None) -> "SiteManifest":
@@ -284,7 +260,7 @@ def build_manifest(
         excluded_set = {canonical_modality(m) for m in [*declared.get("exclude_modalities", []), *exclude_modalities]}
     except KeyError as error:
         raise DataError(site, None, root / SITE_FILE, f"exclude_modalities: {error.args[0]}") from error
-    excluded = tuple(m for m in MODALITIES if m in excluded_set)
+    excluded = ordered_modalities(excluded_set)
 
     try:
         release = detect_release(root)

@@ -11,20 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmodal import MODALITIES
-from fedmodal.data.layouts import ET_LABEL, release_of_folder, read_case_folder
+from fedmodal.brats import ET_LABEL, MODALITIES, MODALITY_TITLES
+from fedmodal.data.cases import read_case
+from fedmodal.data.discovery import read_case_folder
+from fedmodal.data.layouts import release_of_folder
 
-MODALITY_TITLES = {"t1": "T1", "t1ce": "T1c", "t2": "T2", "flair": "FLAIR"}
 # BraTS's usual colours: necrosis red, oedema green, enhancing yellow (resection cavity blue).
 LABEL_COLOURS = {"necrosis": (0.9, 0.1, 0.1), "oedema": (0.1, 0.8, 0.2), "enhancing": (1.0, 0.9, 0.0),
                  "cavity": (0.2, 0.4, 1.0)}
-
-
-def _load_ras(path: Path):
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    return np.asarray(img.dataobj), img.header.get_zooms()[:3]
 
 
 def _label_names(release: str | None, values: set[int]) -> dict[int, str]:
@@ -71,15 +65,9 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
     images, seg_path = case.images, case.seg
     if not images and seg_path is None:
         raise FileNotFoundError(f"no BraTS NIfTI files (*_t1/_t1ce/_t2/_flair/_seg.nii[.gz]) in {case_dir}")
-    volumes, zooms = {}, None
-    for m in MODALITIES:
-        if m in images:
-            volumes[m], zooms = _load_ras(images[m])
-    seg = None
-    if seg_path is not None:
-        seg, seg_zooms = _load_ras(seg_path)
-        seg = seg.astype(np.int16)
-        zooms = zooms or seg_zooms
+    read = read_case(case)
+    volumes, zooms = read.images, read.zooms
+    seg = read.seg.astype(np.int16) if read.seg is not None else None
     shape = (seg if seg is not None else next(iter(volumes.values()))).shape
     if slice_index is None:
         if seg is not None and (seg > 0).any():

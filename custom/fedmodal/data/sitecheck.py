@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any, TextIO
 
-from fedmodal import MODALITIES
-from fedmodal.data.checks import DataError
+from fedmodal.brats import MODALITIES
+from fedmodal.data.errors import DataError
 from fedmodal.data.manifest import ON_ERROR, build_manifest
 
 

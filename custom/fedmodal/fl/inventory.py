@@ -22,6 +22,7 @@ from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
+from fedmodal.atomic import write_json_atomically
 from fedmodal.fl.site import SiteConfig, data_root_is_set, prepare_site
 
 TASK_NAME = "inventory"
@@ -115,9 +116,7 @@ class InventoryController(Controller):
         }
         run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
         path = os.path.join(run_dir, INVENTORY_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(inventory, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json_atomically(path, inventory)
         self.log_info(fl_ctx, f"wrote {path}: {len(summaries)} site(s), {sum(s['n_cases'] for s in summaries.values())} cases")
         if len(summaries) < min_sites:
             self.system_panic(f"only {sorted(summaries)} answered; failed: {failures}", fl_ctx)

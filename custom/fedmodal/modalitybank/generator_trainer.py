@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fedmodal import MODALITIES
+from fedmodal.atomic import save_atomically
 from fedmodal.modalitybank.config import GeneratorConfig
 from fedmodal.nets import madafm
 from fedmodal.nets.generator import ResnetGenerator
@@ -285,6 +286,4 @@ def load_trained_generator(directory: str | os.PathLike, device="cpu") -> Genera
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_atomically(path, lambda temp: torch.save(obj, temp))

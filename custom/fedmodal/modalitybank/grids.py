@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmodal.atomic import save_atomically
+
 
 def _to_2d(image: np.ndarray) -> np.ndarray:
     """A 2D view of a (H, W) slice or a (H, W, D) volume (its middle axial slice)."""
@@ -46,13 +48,10 @@ def save_grid(rows: list[list[np.ndarray | None]], column_titles: list[str], pat
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return save_atomically(path, lambda temp: fig.savefig(temp, dpi=90))
+    finally:
+        plt.close(fig)
 
 
 def mask_picture(cond) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmodal import MODALITIES
+from fedmodal.brats import MODALITIES
 from fedmodal.metrics import summarise, synthesis_scores
 
 logger = logging.getLogger(__name__)

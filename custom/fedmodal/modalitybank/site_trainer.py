@@ -8,11 +8,11 @@ No NVFlare here: the site executor and the centralised benchmark drive the same 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fedmodal.atomic import save_atomically
 from fedmodal.modalitybank.config import AdversaryConfig
 from fedmodal.modalitybank.generator_trainer import CONDITION_CHANNELS, linear_decay_factor
 from fedmodal.nets.discriminator import ConditionalPatchDiscriminator
@@ -148,11 +148,7 @@ class SiteAdversary:
 
     def save(self, path: str | os.PathLike, **meta) -> None:
         """Write every discriminator and optimizer (plus `meta`, e.g. the step) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({**meta, "discriminators": self.state_dict()}, tmp)
-        os.replace(tmp, path)  # a crash never leaves a torn file
+        save_atomically(path, lambda temp: torch.save({**meta, "discriminators": self.state_dict()}, temp))
 
     @staticmethod
     def read(path: str | os.PathLike, device="cpu") -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmodal import MODALITIES
+from fedmodal.brats import MODALITIES
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.grids import mask_picture, save_grid
 from fedmodal.modalitybank.config import AdversaryConfig

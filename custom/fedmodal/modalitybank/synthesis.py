@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmodal.data.datasets import brain_crop_box, condition_map, load_case
+from fedmodal.atomic import save_atomically
+from fedmodal.data.datasets import brain_crop_box, condition_map
+from fedmodal.data.loading import load_case
 from fedmodal.data.layouts import CaseFiles, synthetic_file
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,7 @@ def _write_like(volume_ras: np.ndarray, brain_ras: np.ndarray, reference: Path, 
     image = nib.Nifti1Image(data, ref.affine, header=ref.header)
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1.0, 0.0)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(image, str(tmp))
-    os.replace(tmp, path)
+    save_atomically(path, lambda temp: nib.save(image, str(temp)))
 
 
 def synthesize_case(trainer, case: CaseFiles, modalities, out_paths: dict[str, Path], et_label=None) -> None:

@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
-from fedmodal.metrics import REGIONS
+from fedmodal.brats import REGIONS
 
 ARCHITECTURES = ("unet", "basicunet")
 

@@ -1,0 +1,84 @@
+"""The federation splits: which sites hold which modalities, and how many cases each gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmodal.brats import MODALITIES, ordered_modalities
+
+DEFAULT_PRESET = "modalitybank-missing"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A federation split: which sites hold which modalities, and how many cases by default.
+
+    Args:
+        name: the preset's name (``PRESETS`` key).
+        description: one line for ``--help`` and ``federation.json``.
+        sites: site name -> modalities it holds (canonical order).
+        cases_per_site: site name -> default number of training cases.
+        test_cases: default size of the held-out full-modal test set.
+    """
+
+    name: str
+    description: str
+    sites: dict[str, tuple[str, ...]]
+    cases_per_site: dict[str, int]
+    test_cases: int = 10
+
+
+def _fedmepd_sites() -> dict[str, tuple[str, ...]]:
+    # FedMEPD's client masks, in the paper's order (flair, t1ce, t1, t2).
+    order = ("flair", "t1ce", "t1", "t2")
+    masks = ("1111", "1110", "1011", "1100", "0011", "0100", "0001", "1111")
+    sites = {"server": MODALITIES}
+    for k, mask in enumerate(masks, start=1):
+        sites[f"site-{k}"] = ordered_modalities(m for m, bit in zip(order, mask) if bit == "1")
+    return sites
+
+
+def _mixmfl_sites() -> dict[str, tuple[str, ...]]:
+    pairs = [(a, b) for i, a in enumerate(MODALITIES) for b in MODALITIES[i + 1 :]]
+    return {f"site-{k}": pair for k, pair in enumerate(pairs, start=1)}
+
+
+def _make_presets() -> dict[str, Preset]:
+    missing = {
+        "site-1": ("t1", "t2", "flair"),  # lacks t1ce
+        "site-2": ("t1", "t1ce", "flair"),  # lacks t2
+        "site-3": ("t1", "t1ce", "t2"),  # lacks flair
+    }
+    full = {f"site-{k}": ("t1", "t2", "flair") for k in (1, 2, 3)}
+    fedmepd = _fedmepd_sites()
+    mixmfl = _mixmfl_sites()
+    presets = [
+        Preset(
+            "modalitybank-missing",
+            "ModalityBank completion: 3 sites, each lacking one of T1c/T2/FLAIR (all hold T1)",
+            missing,
+            {s: 16 for s in missing},
+        ),
+        Preset(
+            "modalitybank-full",
+            "ModalityBank heterogeneous centres: 3 sites with T1, T2 and FLAIR",
+            full,
+            {s: 16 for s in full},
+        ),
+        Preset(
+            "fedmepd",
+            "FedMEPD: full-modal server site + 8 clients with the paper's modality masks",
+            fedmepd,
+            {s: (16 if s == "server" else 8) for s in fedmepd},
+        ),
+        Preset(
+            "mixmfl",
+            "MDM-MixMFL: 6 clients, each holding a different pair of the 4 modalities",
+            mixmfl,
+            {s: 10 for s in mixmfl},
+        ),
+    ]
+    return {p.name: p for p in presets}
+
+
+PRESETS: dict[str, Preset] = _make_presets()

@@ -1,0 +1,54 @@
+"""A federation's spec: the one definition of its parameters, defaults and validation."""
+
+from __future__ import annotations
+
+from fedmodal.brats import RELEASES
+from fedmodal.data.phantoms.grid import DEFAULT_SHAPE
+from fedmodal.data.phantoms.presets import DEFAULT_PRESET, PRESETS, Preset
+
+GENERATOR_VERSION = 2  # bump when the same spec would give different voxels
+DEFAULT_LAYOUT = "brats2021"
+
+
+def _resolve_counts(preset: Preset, cases_per_site, test_cases) -> tuple[dict[str, int], int]:
+    if cases_per_site is None:
+        counts = dict(preset.cases_per_site)
+    elif isinstance(cases_per_site, dict):
+        unknown = set(cases_per_site) - set(preset.sites)
+        if unknown:
+            raise ValueError(f"preset {preset.name!r} has no site(s) {sorted(unknown)}; sites: {list(preset.sites)}")
+        counts = {s: int(cases_per_site.get(s, preset.cases_per_site[s])) for s in preset.sites}
+    else:
+        counts = {s: int(cases_per_site) for s in preset.sites}
+    n_test = preset.test_cases if test_cases is None else int(test_cases)
+    if any(n < 1 for n in counts.values()) or n_test < 0:
+        raise ValueError(f"every site needs at least 1 case and the test set 0 or more, got {counts}, test={n_test}")
+    return counts, n_test
+
+
+def federation_spec(
+    preset: str = DEFAULT_PRESET,
+    seed: int = 0,
+    shape=DEFAULT_SHAPE,
+    layout: str = DEFAULT_LAYOUT,
+    cases_per_site: int | dict[str, int] | None = None,
+    test_cases: int | None = None,
+) -> dict:
+    """The validated spec of a federation: the one definition of its parameters and defaults."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
+    if layout not in RELEASES:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {RELEASES}")
+    shape = [int(s) for s in shape]
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes of at least 8 voxels, got {shape}")
+    counts, n_test = _resolve_counts(PRESETS[preset], cases_per_site, test_cases)
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "preset": preset,
+        "seed": int(seed),
+        "shape": shape,
+        "layout": layout,
+        "cases_per_site": counts,
+        "test_cases": n_test,
+    }
