@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,8 +80,12 @@ def run_local(sites: list[str], root: Path, rounds: int, local_epochs: int, para
     start = time.time()
     if parallel:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, __file__, "--worker", site, *options], stdout=subprocess.PIPE, text=True, env=env)
-                 for site in sites]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", site, *options], stdout=subprocess.PIPE, text=True, env=env
+            )
+            for site in sites
+        ]
         outputs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     else:
         outputs = [site_worker(site, root, rounds, local_epochs, 1) for site in sites]
@@ -113,7 +116,17 @@ def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, 
     customize_simulator(work / "ws")
     env = {**os.environ, "HOME": str(work / "home"), "FEDMODAL_DATA_ROOT": str(root), "OMP_NUM_THREADS": "1"}
     nvflare = Path(sys.executable).with_name("nvflare")
-    command = [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", str(len(sites)), "-t", str(len(sites))]
+    command = [
+        str(nvflare),
+        "simulator",
+        str(job),
+        "-w",
+        str(work / "ws"),
+        "-n",
+        str(len(sites)),
+        "-t",
+        str(len(sites)),
+    ]
     start = time.time()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.time() - start
@@ -146,7 +159,9 @@ def load_average() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=None, help="federation folder (default: $FEDMODAL_DATA_ROOT or the phantoms)")
+    parser.add_argument(
+        "--data-root", default=None, help="federation folder (default: $FEDMODAL_DATA_ROOT or the phantoms)"
+    )
     parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
     parser.add_argument("--rounds", type=int, default=4, help="rounds (>= 2; the first is not timed)")
     parser.add_argument("--local-epochs", type=int, default=None, help="default: the job's")
@@ -184,15 +199,27 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|",
     ]
     for name, result in rows:
-        lines.append(f"| {name} | {result['round_s']:.2f} | {result['wall_s']:.1f} | {result['round_s'] / parallel['round_s']:.2f} |")
+        lines.append(
+            f"| {name} | {result['round_s']:.2f} | {result['wall_s']:.1f} | {result['round_s'] / parallel['round_s']:.2f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_fedavg.md").write_text(table + "\n")
-        (out / "bench_fedavg.json").write_text(json.dumps({"simulator": fed, "parallel": parallel, "sequential": sequential,
-                                                          "load_before": load_before, "load_after": load_after}, indent=2))
+        (out / "bench_fedavg.json").write_text(
+            json.dumps(
+                {
+                    "simulator": fed,
+                    "parallel": parallel,
+                    "sequential": sequential,
+                    "load_before": load_before,
+                    "load_after": load_after,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -54,8 +54,12 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
     settings = job_settings(pretrain_steps=steps, bank_steps=steps)  # the job's own configuration
     out = Path(tempfile.mkdtemp(prefix="mb-central-"))
     workers = build_workers(
-        {site: data_root / site for site in ("site-1", "site-2", "site-3")}, settings["generator"], out,
-        slices=settings["server"].slices, site=settings["site"], adversary=settings["adversary"],
+        {site: data_root / site for site in ("site-1", "site-2", "site-3")},
+        settings["generator"],
+        out,
+        slices=settings["server"].slices,
+        site=settings["site"],
+        adversary=settings["adversary"],
     )
     parts: dict = {}
     _, _, timings = train(workers, settings["generator"], parts=parts)
@@ -77,8 +81,14 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
 
     work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
     spec = JOBS["modalitybank"]
-    values = {"pretrain_steps": steps, "bank_steps": steps, "sample_every": 0, "log_every": 10,
-              "server.num_threads": server_threads, "step_transport": transport}
+    values = {
+        "pretrain_steps": steps,
+        "bank_steps": steps,
+        "sample_every": 0,
+        "log_every": 10,
+        "server.num_threads": server_threads,
+        "step_transport": transport,
+    }
     job = export_job(spec, work / "jobs", route_settings(spec, values))
     server_file = job / "app/config/config_fed_server.json"
     config = json.loads(server_file.read_text())
@@ -90,7 +100,10 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
     started = time.perf_counter()
     proc = subprocess.run(
         [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", "3", "-t", "3"],
-        env=env, cwd=work, capture_output=True, text=True,
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -98,9 +111,14 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
     summary = json.loads((work / "ws/server/simulate_job/modalitybank/summary.json").read_text())
     per_site = {}
     for site in ("site-1", "site-2", "site-3"):
-        records = [json.loads(l) for l in (work / "ws" / site / "simulate_job/payload_audit.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (work / "ws" / site / "simulate_job/payload_audit.jsonl").read_text().splitlines()
+        ]
         step_bytes = [sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_step"]
-        register_bytes = sum(sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_register")
+        register_bytes = sum(
+            sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_register"
+        )
         n_steps = max(1, sum(1 for r in records if r["task"] == "mb_step" and r["direction"] == "in"))
         per_site[site] = {"bytes_per_step": sum(step_bytes) / n_steps, "register_bytes": register_bytes}
     shutil.rmtree(work, ignore_errors=True)
@@ -145,7 +163,10 @@ def main() -> int:
         help="simulator runs: step transport (direct or task), server task_request_interval (s), server torch threads",
     )
     parser.add_argument(
-        "--busy", type=int, default=0, metavar="N",
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
         help="keep N busy-loop processes running throughout, to measure on a machine busy with other work",
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modalitybank.json"))
@@ -183,12 +204,15 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|")
     by_threads = results["central_steps_per_second"]
     for threads, rates in by_threads.items():
-        print(f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | | | |")
+        print(
+            f"| central, one process, {threads} torch thread(s) | {rates['pretrain']:.3f} | {rates['bank']:.3f} | | | |"
+        )
     # The ratio is against the faster central configuration.
     c = {phase: max(rates[phase] for rates in by_threads.values()) for phase in ("pretrain", "bank")}
     split_lines = [
         f"| {threads} | {phase} | {p['generate'] * 1000:.0f} | {p['sites'] * 1000:.0f} | {p['apply'] * 1000:.0f} |"
-        for threads, rates in by_threads.items() for phase, p in rates["median_parts"].items()
+        for threads, rates in by_threads.items()
+        for phase, p in rates["median_parts"].items()
     ]
     for spec, fed in results["federated"].items():
         transport, interval, threads = spec.split(":")

@@ -25,7 +25,9 @@ def site_context(run_dir) -> FLContext:
 
 def test_each_payload_is_recorded_once_per_direction(tmp_path):
     ctx = site_context(tmp_path)
-    reply = DXO(DataKind.COLLECTION, {"grad/t2": np.zeros((4, 1, 8, 8), np.float32), "losses": {"t2/g": 0.987654321}}).to_shareable()
+    reply = DXO(
+        DataKind.COLLECTION, {"grad/t2": np.zeros((4, 1, 8, 8), np.float32), "losses": {"t2/g": 0.987654321}}
+    ).to_shareable()
     # The site's privacy scope and the job both carry the filter: the second one passes it on.
     for audit in (PayloadAuditFilter("out"), PayloadAuditFilter("out")):
         reply = audit.process(reply, ctx)
@@ -33,7 +35,10 @@ def test_each_payload_is_recorded_once_per_direction(tmp_path):
     PayloadAuditFilter("in").process(request, ctx)
 
     records = [json.loads(line) for line in (tmp_path / AUDIT_FILE).read_text().splitlines()]
-    assert [(r["direction"], r["task"], r["site"]) for r in records] == [("out", "mb_step", "site-1"), ("in", "mb_step", "site-1")]
+    assert [(r["direction"], r["task"], r["site"]) for r in records] == [
+        ("out", "mb_step", "site-1"),
+        ("in", "mb_step", "site-1"),
+    ]
     grad = records[0]["items"]["grad/t2"]
     assert grad == {"kind": "array", "shape": [4, 1, 8, 8], "dtype": "float32", "bytes": 4 * 64 * 4}
     assert records[0]["items"]["losses"]["keys"] == ["t2/g"]

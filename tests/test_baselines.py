@@ -13,14 +13,28 @@ from fedmodal.baselines.config import SegConfig, parse_regions
 from fedmodal.baselines.cse import cross_site_markdown
 from fedmodal.baselines.data import drop_modalities, load_site, network_input, region_targets, regions_to_label
 from fedmodal.baselines.evaluate import empty_scores, markdown_tables, parse_model_args, write_results
-from fedmodal.baselines.trainer import SegTrainer, flat_metrics, load_checkpoint, save_checkpoint, trainer_from_checkpoint
+from fedmodal.baselines.trainer import (
+    SegTrainer,
+    flat_metrics,
+    load_checkpoint,
+    save_checkpoint,
+    trainer_from_checkpoint,
+)
 from fedmodal.nets.segmentation import SegmentationNet
 
 torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> SegConfig:
-    values = dict(spatial_dims=2, regions=("WT", "TC", "ET"), patch_size=(16, 16), channels=(4, 8, 16), batch_size=4, samples_per_case=2, lr=1e-2)
+    values = dict(
+        spatial_dims=2,
+        regions=("WT", "TC", "ET"),
+        patch_size=(16, 16),
+        channels=(4, 8, 16),
+        batch_size=4,
+        samples_per_case=2,
+        lr=1e-2,
+    )
     values.update(overrides)
     return SegConfig(**values)
 
@@ -132,8 +146,14 @@ def test_scores_and_flat_metrics_on_a_perfect_volume():
     trainer = SegTrainer(tiny_config())
     label = torch.zeros(16, 16, 8, dtype=torch.long)
     label[4:10, 4:10, 2:6] = 2
-    volume = {"case_id": "c1", "image": torch.zeros(4, 16, 16, 8), "avail": torch.ones(4, dtype=torch.bool),
-              "label": label, "brain": torch.ones(16, 16, 8, dtype=torch.bool), "spacing": (1.0, 1.0, 1.0)}
+    volume = {
+        "case_id": "c1",
+        "image": torch.zeros(4, 16, 16, 8),
+        "avail": torch.ones(4, dtype=torch.bool),
+        "label": label,
+        "brain": torch.ones(16, 16, 8, dtype=torch.bool),
+        "spacing": (1.0, 1.0, 1.0),
+    }
     results = trainer.score([volume])
     assert set(results[0]["scores"]) == {"WT", "TC", "ET"}
     floor = empty_scores([volume], ("WT", "TC", "ET"))
@@ -168,8 +188,11 @@ def test_checkpoint_round_trip_and_nvflare_model_file(tmp_path: Path):
     torch.save({"model": trainer.net.state_dict(), "train_conf": {}}, app / "FL_global_model.pt")
     with pytest.raises(ValueError, match="network spec"):
         load_checkpoint(app / "FL_global_model.pt")
-    persistor = {"id": "persistor", "path": "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
-                 "args": {"model": {"path": "fedmodal.nets.segmentation.SegmentationNet", "args": trainer.net.config()}}}
+    persistor = {
+        "id": "persistor",
+        "path": "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+        "args": {"model": {"path": "fedmodal.nets.segmentation.SegmentationNet", "args": trainer.net.config()}},
+    }
     (app / "config" / "config_fed_server.json").write_text(json.dumps({"components": [persistor]}))
     from_server, _ = trainer_from_checkpoint(app / "FL_global_model.pt")
     assert np.array_equal(from_server.predict(image, avail), expected)
@@ -178,9 +201,14 @@ def test_checkpoint_round_trip_and_nvflare_model_file(tmp_path: Path):
 def test_results_are_written_in_the_papers_layout(tmp_path: Path):
     summary_case = {"WT": {"dice": 0.8, "sensitivity": 0.9, "specificity": 0.99, "hd95": 4.0}}
     rows = {
-        "FedAvg": {"path": "x", "modalities": ["t1"], "regions": ["WT"], "meta": {},
-                   "cases": [{"case_id": "a", "scores": summary_case, "seconds": 0.0}],
-                   "summary": {"WT": {m: {"mean": v, "std": 0.0, "n": 1} for m, v in summary_case["WT"].items()}}},
+        "FedAvg": {
+            "path": "x",
+            "modalities": ["t1"],
+            "regions": ["WT"],
+            "meta": {},
+            "cases": [{"case_id": "a", "scores": summary_case, "seconds": 0.0}],
+            "summary": {"WT": {m: {"mean": v, "std": 0.0, "n": 1} for m, v in summary_case["WT"].items()}},
+        },
     }
     paths = write_results(rows, tmp_path, "t")
     text = paths["md"].read_text()
@@ -192,8 +220,13 @@ def test_results_are_written_in_the_papers_layout(tmp_path: Path):
 
 
 def test_cross_site_table_lists_models_by_site():
-    results = {"site-1": {"SRV_best_FL_global_model.pt": {"dice_WT": 0.9, "hd95_WT": 3.0}, "site-2": {"dice_WT": 0.5, "hd95_WT": 9.0}},
-               "site-2": {"SRV_best_FL_global_model.pt": {"dice_WT": 0.7, "hd95_WT": 5.0}}}
+    results = {
+        "site-1": {
+            "SRV_best_FL_global_model.pt": {"dice_WT": 0.9, "hd95_WT": 3.0},
+            "site-2": {"dice_WT": 0.5, "hd95_WT": 9.0},
+        },
+        "site-2": {"SRV_best_FL_global_model.pt": {"dice_WT": 0.7, "hd95_WT": 5.0}},
+    }
     table = cross_site_markdown(results)
     assert "| SRV_best_FL_global_model.pt | 90.0 | 70.0 | 80.0 |" in table
     assert "| site-2 | 50.0 | - | 50.0 |" in table
@@ -207,7 +240,9 @@ def test_cross_site_table_lists_models_by_site():
 def tiny_federation(tmp_path_factory) -> Path:
     from fedmodal.data.phantoms import build_federation
 
-    return build_federation(tmp_path_factory.mktemp("fed") / "phantoms", shape=(32, 32, 24), cases_per_site=4, test_cases=2)
+    return build_federation(
+        tmp_path_factory.mktemp("fed") / "phantoms", shape=(32, 32, 24), cases_per_site=4, test_cases=2
+    )
 
 
 def test_train_seg_pools_sites_and_scores_the_held_out_set(tiny_federation: Path, tmp_path: Path):
@@ -218,9 +253,36 @@ def test_train_seg_pools_sites_and_scores_the_held_out_set(tiny_federation: Path
     parser = argparse.ArgumentParser()
     local.add_arguments(parser)
     out = tmp_path / "run"
-    args = parser.parse_args(["--data-root", str(tiny_federation), "--sites", "site-1", "site-2", "--epochs", "2", "--val-every", "1",
-                              "--channels", "4", "8", "16", "--patch-size", "32", "32", "--batch-size", "4", "--samples-per-case", "2",
-                              "--modality-dropout", "0.3", "--out", str(out), "--num-threads", "1"])
+    args = parser.parse_args(
+        [
+            "--data-root",
+            str(tiny_federation),
+            "--sites",
+            "site-1",
+            "site-2",
+            "--epochs",
+            "2",
+            "--val-every",
+            "1",
+            "--channels",
+            "4",
+            "8",
+            "16",
+            "--patch-size",
+            "32",
+            "32",
+            "--batch-size",
+            "4",
+            "--samples-per-case",
+            "2",
+            "--modality-dropout",
+            "0.3",
+            "--out",
+            str(out),
+            "--num-threads",
+            "1",
+        ]
+    )
     assert local.run(args) == 0
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -241,9 +303,36 @@ def test_train_seg_3d_patches_and_sliding_window(tiny_federation: Path, tmp_path
     parser = argparse.ArgumentParser()
     local.add_arguments(parser)
     out = tmp_path / "run3d"
-    args = parser.parse_args(["--data-root", str(tiny_federation), "--sites", "site-3", "--dims", "3", "--epochs", "1",
-                              "--channels", "4", "8", "16", "--num-res-units", "0", "--patch-size", "32", "32", "16",
-                              "--loss", "dicefocal", "--test", "none", "--out", str(out), "--num-threads", "1"])
+    args = parser.parse_args(
+        [
+            "--data-root",
+            str(tiny_federation),
+            "--sites",
+            "site-3",
+            "--dims",
+            "3",
+            "--epochs",
+            "1",
+            "--channels",
+            "4",
+            "8",
+            "16",
+            "--num-res-units",
+            "0",
+            "--patch-size",
+            "32",
+            "32",
+            "16",
+            "--loss",
+            "dicefocal",
+            "--test",
+            "none",
+            "--out",
+            str(out),
+            "--num-threads",
+            "1",
+        ]
+    )
     assert local.run(args) == 0
     trainer, meta = trainer_from_checkpoint(out / "last.pt")
     assert trainer.cfg.spatial_dims == 3 and trainer.cfg.regions == ("WT", "TC", "ET")

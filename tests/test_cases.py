@@ -15,14 +15,21 @@ from test_layouts import SHAPE, write_case, write_volume
 
 @pytest.fixture(scope="module")
 def phantom_cases(tmp_path_factory):
-    root = build_federation(tmp_path_factory.mktemp("cases") / "fed", shape=(24, 24, 16), cases_per_site=1,
-                            test_cases=1, layout="brats2023")
+    root = build_federation(
+        tmp_path_factory.mktemp("cases") / "fed", shape=(24, 24, 16), cases_per_site=1, test_cases=1, layout="brats2023"
+    )
     return discover_cases(root / "site-2") + discover_cases(root / "test")
 
 
 def test_read_case_matches_monai_load_and_orient(phantom_cases):
     # Phantom files are L-P-S like BraTS, so reorientation to RAS flips two axes.
-    monai_read = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))])
+    monai_read = Compose(
+        [
+            LoadImage(image_only=True),
+            EnsureChannelFirst(),
+            Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        ]
+    )
     for case in phantom_cases:
         volumes = read_case(case)
         assert list(volumes.images) == list(case.modalities) and volumes.seg is not None

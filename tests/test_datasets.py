@@ -9,9 +9,9 @@ import torch
 
 from fedmodal.brats import MODALITIES
 from fedmodal.data.datasets import SynthesisSlices, condition_map, normalise_for_synthesis, segmentation_dataset
+from fedmodal.data.discovery import discover_cases
 from fedmodal.data.loading import case_record, load_case, to_canonical_labels
 from fedmodal.data.transforms import segmentation_transforms
-from fedmodal.data.discovery import discover_cases
 from test_layouts import SHAPE, tiny_case_arrays, write_case, write_volume
 
 torch.set_num_threads(1)

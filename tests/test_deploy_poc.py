@@ -14,6 +14,7 @@ Every process started here is stopped by its process group at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,8 +49,17 @@ JOB_TIMEOUT = 120
 MB_JOB_TIMEOUT = 300  # four job processes import torch, then 2 + 3 GAN steps on CPU
 # tests/test_modalitybank_sim.py's tiny run (step_timeout bounds each direct exchange).
 MB_TINY_SERVER = {
-    "image_size": 32, "ngf": 8, "n_blocks": 2, "batch_size": 2, "pretrain_steps": 2, "bank_steps": 3,
-    "sample_every": 2, "log_every": 1, "checkpoint_every": 2, "preview_count": 2, "step_timeout": 120,
+    "image_size": 32,
+    "ngf": 8,
+    "n_blocks": 2,
+    "batch_size": 2,
+    "pretrain_steps": 2,
+    "bank_steps": 3,
+    "sample_every": 2,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "preview_count": 2,
+    "step_timeout": 120,
 }
 MB_TINY_SITE = {"ndf": 8, "n_layers": 2, "split": "all"}
 
@@ -79,7 +89,10 @@ def provision(project_text: str, workspace: Path, env: dict) -> Path:
     project.write_text(project_text)
     subprocess.run(
         [str(BIN / "nvflare"), "provision", "-p", str(project), "-w", str(workspace)],
-        env=env, check=True, capture_output=True, timeout=120,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     prods = sorted(workspace.glob("*/prod_*"))
     assert prods, f"nothing provisioned under {workspace}"
@@ -96,7 +109,11 @@ class Processes:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
-                cwd=kit, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=kit,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.procs[name] = proc
         return proc
@@ -115,10 +132,8 @@ class Processes:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        try:  # anything left in the group once its leader is gone
+        with contextlib.suppress(ProcessLookupError):  # anything left in the group once its leader is gone
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def stop_all(self) -> None:
         for name in list(self.procs):
@@ -211,7 +226,9 @@ def audit_filters_per_direction(site_kit: Path, chain: str) -> int:
     job = json.loads((MB_JOB / "app" / "config" / "config_fed_client.json").read_text())
     in_job = sum(
         f["path"] == "fedmodal.fl.audit.PayloadAuditFilter"
-        for entry in job.get(chain, []) if "mb_step" in entry["tasks"] for f in entry["filters"]
+        for entry in job.get(chain, [])
+        if "mb_step" in entry["tasks"]
+        for f in entry["filters"]
     )
     return in_scope + in_job
 
@@ -253,7 +270,10 @@ def _run_federation(root: Path, env: dict):
     prod = provision(localize_project(PROJECT_YML.read_text(), port), root / "provision", env)
     subprocess.run(
         [sys.executable, str(CUSTOMIZE), str(prod), "--server-storage", str(root / "server-storage")],
-        env=env, check=True, capture_output=True, timeout=60,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     procs = Processes()
     logs = root / "logs"

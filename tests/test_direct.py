@@ -114,5 +114,7 @@ def test_site_executor_answers_a_step_before_registration_with_an_error():
     from fedmodal.modalitybank import protocol as P
     from fedmodal.modalitybank.executor import ModalityBankExecutor
 
-    reply = direct_handler(ModalityBankExecutor().execute)(P.TASK_STEP, payload(), site_context(None, {TASK_DATA: {}, TASK_RESULT: {}}))
+    reply = direct_handler(ModalityBankExecutor().execute)(
+        P.TASK_STEP, payload(), site_context(None, {TASK_DATA: {}, TASK_RESULT: {}})
+    )
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION

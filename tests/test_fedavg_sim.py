@@ -26,7 +26,9 @@ TINY = {"seg.net": "unet2d-wt-tiny", "local_epochs": 1, "batch_size": 4, "sample
 def tiny_federation(tmp_path_factory) -> Path:
     from fedmodal.data.phantoms import build_federation
 
-    return build_federation(tmp_path_factory.mktemp("fed") / "phantoms", shape=(32, 32, 24), cases_per_site=5, test_cases=2)
+    return build_federation(
+        tmp_path_factory.mktemp("fed") / "phantoms", shape=(32, 32, 24), cases_per_site=5, test_cases=2
+    )
 
 
 def tiny_job(dst: Path, rounds: int = 2, fedprox_mu: float = 0.01) -> Path:
@@ -43,8 +45,13 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
     job = tiny_job(tmp_path)
     workspace = tmp_path / "workspace"
     shutil.copytree(SIMULATOR_LOCAL, workspace / "local")
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "FEDMODAL_DATA_ROOT": str(tiny_federation),
-           "FEDMODAL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "FEDMODAL_DATA_ROOT": str(tiny_federation),
+        "FEDMODAL_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
     nvflare = Path(sys.executable).with_name("nvflare")
     command = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -59,12 +66,19 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
     for site in ("site-1", "site-2", "site-3"):
         local_best = workspace / site / "simulate_job" / "seg" / "local_best.pt"
         assert local_best.is_file()
-        assert load_checkpoint(local_best)["meta"]["fedprox_mu"] == 0.01  # the server's FedProx mu reached the site's training
+        assert (
+            load_checkpoint(local_best)["meta"]["fedprox_mu"] == 0.01
+        )  # the server's FedProx mu reached the site's training
         assert (server / "tb_events" / site).is_dir()  # site metrics streamed to the server
         # FedProx reached the sites; only weights and scalars left them.
-        records = [json.loads(line) for line in (workspace / site / "simulate_job" / "payload_audit.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (workspace / site / "simulate_job" / "payload_audit.jsonl").read_text().splitlines()
+        ]
         sent = [r for r in records if r["direction"] == "out"]
-        assert sent and all(item["kind"] in ("array", "scalar", "dict", "string") for r in sent for item in r["items"].values())
+        assert sent and all(
+            item["kind"] in ("array", "scalar", "dict", "string") for r in sent for item in r["items"].values()
+        )
         # Every task is audited both ways, cross-site evaluation's submit_model included.
         received = sorted(r["task"] for r in records if r["direction"] == "in")
         assert received == sorted(r["task"] for r in sent) and "submit_model" in received
@@ -77,8 +91,19 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     out = tmp_path / "evaluation"
-    args = parser.parse_args(["--model", f"FedAvg={server / 'app_server' / 'FL_global_model.pt'}",
-                              "--data", str(tiny_federation / "test"), "--with-empty", "--out", str(out), "--num-threads", "1"])
+    args = parser.parse_args(
+        [
+            "--model",
+            f"FedAvg={server / 'app_server' / 'FL_global_model.pt'}",
+            "--data",
+            str(tiny_federation / "test"),
+            "--with-empty",
+            "--out",
+            str(out),
+            "--num-threads",
+            "1",
+        ]
+    )
     assert evaluate.run(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"FedAvg", "Empty prediction"}

@@ -16,7 +16,9 @@ COMMITTED = REPO / "jobs"
 
 
 def tree(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".__nvfl"))
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".__nvfl")
+    )
 
 
 def test_every_committed_job_folder_is_a_job_definition():
@@ -43,7 +45,9 @@ def test_asyndgan_job_differs_from_modalitybank_only_by_mode_and_name(tmp_path):
     assert (a["id"], b["id"]) == ("modalitybank", "asyndgan")
     assert a["args"]["generator"].pop("mode") == "bank" and b["args"]["generator"].pop("mode") == "asyndgan"
     assert a["args"] == b["args"]
-    assert (bank / "app/config/config_fed_client.json").read_text() == (asyndgan / "app/config/config_fed_client.json").read_text()
+    assert (bank / "app/config/config_fed_client.json").read_text() == (
+        asyndgan / "app/config/config_fed_client.json"
+    ).read_text()
 
 
 def test_settings_are_routed_to_their_section_and_typos_are_refused():
@@ -53,7 +57,7 @@ def test_settings_are_routed_to_their_section_and_typos_are_refused():
         "adversary": {"ndf": 64},
         "server": {"device": "cpu"},
     }
-    assert parse_overrides(spec, ["bank_steps=10", "target_modalities=[\"t2\"]", "site.split=all"]) == {
+    assert parse_overrides(spec, ["bank_steps=10", 'target_modalities=["t2"]', "site.split=all"]) == {
         "generator": {"bank_steps": 10, "target_modalities": ["t2"]},
         "site": {"split": "all"},
     }
@@ -111,7 +115,11 @@ def test_job_run_in_simenv_needs_no_allow_list_step(tmp_path):
     fedmodal = Path(sys.executable).with_name("fedmodal")
     done = subprocess.run(
         [str(fedmodal), "job", "run", "site-inventory", "--env", "sim", "-n", "3", "--workspace", str(tmp_path / "ws")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     inventory = json.loads((tmp_path / "ws/site-inventory/server/simulate_job/inventory.json").read_text())

@@ -124,7 +124,9 @@ def test_brats2018_grades_and_institutions(tmp_path):
     write_case(tmp_path, "brats2018", 2, institution="TCIA01", grade="LGG")
     write_case(tmp_path, "brats2018", 3, institution="2013", grade="LGG")
     # 2019 prefix with the TMC institution reads as the same layout.
-    write_volume(tmp_path / "HGG/BraTS19_TMC_06290_1/BraTS19_TMC_06290_1_t1.nii.gz", tiny_case_arrays("brats2018")[0]["t1"])
+    write_volume(
+        tmp_path / "HGG/BraTS19_TMC_06290_1/BraTS19_TMC_06290_1_t1.nii.gz", tiny_case_arrays("brats2018")[0]["t1"]
+    )
     cases = {c.case_id: c for c in discover_cases(tmp_path)}
     assert cases["Brats18_CBICA_AAA_1"].institution == "CBICA"
     assert cases["Brats18_CBICA_AAA_1"].grade == "HGG"

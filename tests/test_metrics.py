@@ -274,9 +274,7 @@ def test_synthesis_ssim_matches_scipy_reference_2d_and_3d():
     brain2 = _brain2d((30, 28))
     real2 = ndimage.gaussian_filter(rng.uniform(-1, 1, brain2.shape), 1.0)
     fake2 = real2 + rng.normal(0, 0.1, brain2.shape)
-    assert M.synthesis_scores(fake2, real2, brain2)["ssim"] == pytest.approx(
-        _ref_ssim(fake2, real2, brain2), abs=1e-5
-    )
+    assert M.synthesis_scores(fake2, real2, brain2)["ssim"] == pytest.approx(_ref_ssim(fake2, real2, brain2), abs=1e-5)
     brain3 = np.zeros((18, 16, 12), bool)
     brain3[3:15, 2:14, 2:10] = True
     real3 = ndimage.gaussian_filter(rng.uniform(-1, 1, brain3.shape), 1.0)

@@ -11,9 +11,9 @@ from fedmodal.data.datasets import SynthesisSlices
 from fedmodal.data.manifest import build_manifest
 from fedmodal.data.phantoms import build_federation
 from fedmodal.modalitybank import protocol as P
+from fedmodal.modalitybank.config import AdversaryConfig, GeneratorConfig
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
 from fedmodal.modalitybank.generator_trainer import GeneratorTrainer, load_trained_generator
-from fedmodal.modalitybank.config import AdversaryConfig, GeneratorConfig
 from fedmodal.modalitybank.site_trainer import SiteAdversary
 from fedmodal.modalitybank.site_worker import SiteWorker
 from fedmodal.nets import madafm
@@ -199,7 +199,10 @@ def test_resume_a_finished_run_to_train_its_last_phase_longer(site_slices, tmp_p
     same = GeneratorTrainer.resume(tmp_path / "done", config)
     assert same.finished  # nothing more to train
 
-    longer = GeneratorTrainer.resume(tmp_path / "done", resolve_config(GeneratorConfig.from_dict({**TINY, "bank_steps": TINY["bank_steps"] + 2}), sites))
+    longer = GeneratorTrainer.resume(
+        tmp_path / "done",
+        resolve_config(GeneratorConfig.from_dict({**TINY, "bank_steps": TINY["bank_steps"] + 2}), sites),
+    )
     assert not longer.finished and longer.phase == "bank" and longer.progress.step == TINY["bank_steps"]
     saved_state = torch.load(tmp_path / "done" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
     assert longer.optimizer.state_dict()["state"].keys() == saved_state.keys()  # Adam's moments carried over
@@ -235,7 +238,9 @@ def test_differential_privacy_clips_each_sample():
     with pytest.raises(ValueError, match="does not hold"):
         adversary.step(cond, real, {"flair": fake["t2"]})
 
-    noisy = SiteAdversary(("t2",), spatial_dims=2, config=AdversaryConfig(ndf=8, n_layers=2, dp_clip=0.01, dp_noise=1.0))
+    noisy = SiteAdversary(
+        ("t2",), spatial_dims=2, config=AdversaryConfig(ndf=8, n_layers=2, dp_clip=0.01, dp_noise=1.0)
+    )
     grads_noisy, _ = noisy.step(cond, real, fake)
     assert grads_noisy["t2"].flatten(1).norm(dim=1).mean() * 3 > 0.1  # noise of scale sigma*C per voxel
 
@@ -254,7 +259,10 @@ def test_bad_site_replies_are_refused(site_slices, tmp_path):
     with pytest.raises(KeyError, match="unknown sample keys"):
         workers["site-1"].step({**payloads["site-1"], P.KEYS: ["nope/z1"] * TINY["batch_size"]})
     with pytest.raises(ValueError, match="held by no site"):
-        resolve_config(GeneratorConfig.from_dict({**TINY, "target_modalities": ("t1", "t1ce")}), [s for s in sites if s.name == "site-1"])
+        resolve_config(
+            GeneratorConfig.from_dict({**TINY, "target_modalities": ("t1", "t1ce")}),
+            [s for s in sites if s.name == "site-1"],
+        )
 
 
 def test_asyndgan_mode_has_no_bank(site_slices, tmp_path):
@@ -282,7 +290,9 @@ def test_pretraining_elsewhere_then_bank_only(site_slices, tmp_path):
     for modality, image in trainer.synthesize(masks).items():
         assert torch.allclose(image, expected, atol=1e-6), modality
     with pytest.raises(ValueError, match="differs in"):
-        GeneratorTrainer(resolve_config(GeneratorConfig.from_dict({**TINY, "ngf": 16}), sites)).load_pretrained(tmp_path / "pretrained")
+        GeneratorTrainer(resolve_config(GeneratorConfig.from_dict({**TINY, "ngf": 16}), sites)).load_pretrained(
+            tmp_path / "pretrained"
+        )
 
 
 def test_sites_keep_their_discriminators_at_checkpoints_for_a_resumed_run(site_slices, tmp_path):

@@ -27,8 +27,17 @@ NVFLARE = Path(sys.executable).with_name("nvflare")
 pytestmark = pytest.mark.integration
 
 TINY_SERVER = dict(
-    image_size=32, ngf=8, n_blocks=2, batch_size=2, pretrain_steps=2, bank_steps=3,
-    sample_every=2, log_every=1, checkpoint_every=2, preview_count=2, step_timeout=300,
+    image_size=32,
+    ngf=8,
+    n_blocks=2,
+    batch_size=2,
+    pretrain_steps=2,
+    bank_steps=3,
+    sample_every=2,
+    log_every=1,
+    checkpoint_every=2,
+    preview_count=2,
+    step_timeout=300,
 )
 TINY_SITE = dict(ndf=8, n_layers=2, split="all")
 
@@ -60,7 +69,11 @@ def simulate(tmp_path: Path, data: Path, transport: str, **server_args) -> tuple
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(NVFLARE), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -151,7 +164,9 @@ def test_privacy_audit_holds(simulated_run):
 
 def test_transports_train_the_same_generator(runs):
     """The transport moves the same payloads: both runs end with bit-identical weights."""
-    checkpoints = {t: workspace / "server" / "simulate_job" / "modalitybank" / "checkpoint" for t, (workspace, _) in runs.items()}
+    checkpoints = {
+        t: workspace / "server" / "simulate_job" / "modalitybank" / "checkpoint" for t, (workspace, _) in runs.items()
+    }
     for name in ["generator.pt", *(f"bank/{m}.pt" for m in ("t1", "t1ce", "t2", "flair"))]:
         direct = torch.load(checkpoints["direct"] / name, weights_only=False)
         task = torch.load(checkpoints["task"] / name, weights_only=False)
@@ -179,5 +194,7 @@ def test_resume_continues_with_the_sites_discriminators(runs, tmp_path_factory, 
         assert f"site {site}: discriminators resumed from {state} (step {run['global_step']})" in log
     summary = json.loads((resumed_ws / "server" / "simulate_job" / "modalitybank" / "summary.json").read_text())
     assert summary["steps"] == {"bank": 2}
-    resumed = json.loads((resumed_ws / "server" / "simulate_job" / "modalitybank" / "checkpoint" / "run.json").read_text())
+    resumed = json.loads(
+        (resumed_ws / "server" / "simulate_job" / "modalitybank" / "checkpoint" / "run.json").read_text()
+    )
     assert resumed == {"run_id": run["run_id"], "global_step": run["global_step"] + 2}

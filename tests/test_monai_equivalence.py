@@ -68,7 +68,9 @@ def test_zscore_over_brain_differs_from_monai_normalize_intensity(loaded_cases):
     # still differ by the std's degrees of freedom (ZScoreOverBraind: sample std).
     for item in loaded_cases:
         ours = torch.as_tensor(ZScoreOverBraind(keys="image")(_fresh(item))["image"])
-        monai = torch.as_tensor(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)(_fresh(item))["image"])
+        monai = torch.as_tensor(
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)(_fresh(item))["image"]
+        )
         brain = item["brain"][0].bool()
         n = int(brain.sum())
         for c in np.flatnonzero(item["avail"].numpy()):

@@ -16,8 +16,7 @@ from fedmodal.data.layouts import case_file_paths
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("montage") / "fed"
-    phantoms.build_federation(root, layout="brats2023", shape=(48, 48, 32), cases_per_site=1, test_cases=1,
-                              workers=1)
+    phantoms.build_federation(root, layout="brats2023", shape=(48, 48, 32), cases_per_site=1, test_cases=1, workers=1)
     return root, json.loads((root / phantoms.FEDERATION_FILE).read_text())
 
 

@@ -273,9 +273,7 @@ def test_bank_sizes_at_paper_scale():
 # ---------------------------------------------------------------- discriminator
 
 
-@pytest.mark.parametrize(
-    "spatial_dims,size,patches", [(2, 64, 6), (2, 256, 30), (3, 32, 2)]
-)
+@pytest.mark.parametrize("spatial_dims,size,patches", [(2, 64, 6), (2, 256, 30), (3, 32, 2)])
 def test_discriminator_output_shape(spatial_dims, size, patches):
     d = ConditionalPatchDiscriminator(spatial_dims, in_channels=3, ndf=4)
     image = torch.randn(2, 1, *([size] * spatial_dims))

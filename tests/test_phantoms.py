@@ -110,8 +110,9 @@ def test_federation_json(info):
 
 @pytest.mark.parametrize("preset", list(phantoms.PRESETS))
 def test_missing_modalities_have_no_file(tmp_path, preset):
-    root = phantoms.build_federation(tmp_path / preset, preset=preset, shape=TINY, cases_per_site=1,
-                                     test_cases=1, workers=1)
+    root = phantoms.build_federation(
+        tmp_path / preset, preset=preset, shape=TINY, cases_per_site=1, test_cases=1, workers=1
+    )
     info = json.loads((root / phantoms.FEDERATION_FILE).read_text())
     assert list(info["sites"]) == list(phantoms.PRESETS[preset].sites)
     folders = {**{s: v["modalities"] for s, v in info["sites"].items()}, "test": list(MODALITIES)}
@@ -189,8 +190,9 @@ def test_tumour_regions_nest(federation, info):
 
 @pytest.mark.parametrize("layout", ["brats2018", "brats2023"])
 def test_labels_use_the_layouts_et_value(tmp_path, layout):
-    root = phantoms.build_federation(tmp_path / layout, layout=layout, shape=SHAPE, cases_per_site=1,
-                                     test_cases=1, workers=1)
+    root = phantoms.build_federation(
+        tmp_path / layout, layout=layout, shape=SHAPE, cases_per_site=1, test_cases=1, workers=1
+    )
     info = json.loads((root / phantoms.FEDERATION_FILE).read_text())
     assert info["et_label"] == ET_LABEL[layout]
     case_id = info["test"]["case_ids"][0]
@@ -208,8 +210,9 @@ def test_sites_read_back_through_the_layout_discovery(tmp_path, layout):
     from fedmodal.data.checks import check_case
     from fedmodal.data.discovery import detect_release, discover_cases
 
-    root = phantoms.build_federation(tmp_path / layout, layout=layout, shape=TINY, cases_per_site=2,
-                                     test_cases=1, workers=1)
+    root = phantoms.build_federation(
+        tmp_path / layout, layout=layout, shape=TINY, cases_per_site=2, test_cases=1, workers=1
+    )
     info = json.loads((root / phantoms.FEDERATION_FILE).read_text())
     folders = {**info["sites"], "test": info["test"]}
     for site, meta in folders.items():
@@ -281,8 +284,9 @@ def test_two_processes_building_one_root(tmp_path):
         f"print(phantoms.ensure_federation(root=sys.argv[1], shape={TINY!r}, cases_per_site=2, test_cases=1))"
     )
     root = tmp_path / "fed"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outs == [str(root)] * 2
@@ -310,8 +314,23 @@ def test_cli_builds_and_reports(tmp_path, capsys):
     from fedmodal.cli import main
 
     out = tmp_path / "cli"
-    argv = ["phantoms", "--out", str(out), "--shape", *map(str, TINY), "--cases-per-site", "1",
-            "--test-cases", "1", "--layout", "brats2020", "--preset", "mixmfl", "--workers", "1"]
+    argv = [
+        "phantoms",
+        "--out",
+        str(out),
+        "--shape",
+        *map(str, TINY),
+        "--cases-per-site",
+        "1",
+        "--test-cases",
+        "1",
+        "--layout",
+        "brats2020",
+        "--preset",
+        "mixmfl",
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "built mixmfl" in text and str(out) in text and " MB" in text and " s," in text

@@ -14,7 +14,9 @@ from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, Genera
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    return build_federation(tmp_path_factory.mktemp("setup") / "fed", shape=(40, 40, 24), cases_per_site=2, test_cases=1)
+    return build_federation(
+        tmp_path_factory.mktemp("setup") / "fed", shape=(40, 40, 24), cases_per_site=2, test_cases=1
+    )
 
 
 def test_prepare_site_reads_policy_cases_seed(federation):
@@ -34,12 +36,16 @@ def test_prepare_site_reads_policy_cases_seed(federation):
 def test_the_centralised_run_applies_the_site_file_like_the_executor(federation, tmp_path):
     """`fedmodal pretrain-generator` and the benchmark build sites through the same set-up, so a
     site's DP and mask policy hold there too (they were ignored before)."""
-    (federation / "site-2" / "fedmodal_site.json").write_text(json.dumps({"dp_clip": 0.01, "dp_noise": 1.0, "share_masks": False}))
+    (federation / "site-2" / "fedmodal_site.json").write_text(
+        json.dumps({"dp_clip": 0.01, "dp_noise": 1.0, "share_masks": False})
+    )
     try:
         workers = build_workers(
             {s: federation / s for s in ("site-1", "site-2")},
-            GeneratorConfig(image_size=32, ngf=8, n_blocks=2, batch_size=2), tmp_path,
-            site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=8, n_layers=2),
+            GeneratorConfig(image_size=32, ngf=8, n_blocks=2, batch_size=2),
+            tmp_path,
+            site=BankSiteConfig(split="all"),
+            adversary=AdversaryConfig(ndf=8, n_layers=2),
         )
     finally:
         (federation / "site-2" / "fedmodal_site.json").unlink()

@@ -25,8 +25,12 @@ def trained(tmp_path_factory):
     data = build_federation(tmp / "data", shape=(40, 40, 24), cases_per_site=2, test_cases=2)
     generator = GeneratorConfig(image_size=32, ngf=8, n_blocks=2, batch_size=2, pretrain_steps=2, bank_steps=2)
     workers = build_workers(
-        {s: data / s for s in ("site-1", "site-2", "site-3")}, generator, tmp / "sites", slices="tumour",
-        site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=8, n_layers=2),
+        {s: data / s for s in ("site-1", "site-2", "site-3")},
+        generator,
+        tmp / "sites",
+        slices="tumour",
+        site=BankSiteConfig(split="all"),
+        adversary=AdversaryConfig(ndf=8, n_layers=2),
     )
     trainer, _, _ = train(workers, generator)
     checkpoint = trainer.save(tmp / "checkpoint")
@@ -63,12 +67,22 @@ def test_complete_writes_the_missing_modality_on_the_masks_grid(trained):
 def test_synthesize_and_quality_report(trained, capsys):
     data, checkpoint, tmp = trained
     out = tmp / "synthetic"
-    assert main(["synthesize", str(data / "test"), "--checkpoint", str(checkpoint), "-o", str(out), "--limit", "1"]) == 0
+    assert (
+        main(["synthesize", str(data / "test"), "--checkpoint", str(checkpoint), "-o", str(out), "--limit", "1"]) == 0
+    )
     written = sorted(p.name for p in out.rglob("*.nii.gz"))
     assert len(written) == 4 and all(name.endswith("_synthetic.nii.gz") for name in written)
 
     report = tmp / "quality"
-    args = ["synthesis-quality", "--checkpoint", f"bank={checkpoint}", "--test", str(data / "test"), "--out", str(report)]
+    args = [
+        "synthesis-quality",
+        "--checkpoint",
+        f"bank={checkpoint}",
+        "--test",
+        str(data / "test"),
+        "--out",
+        str(report),
+    ]
     assert main(args) == 0
     results = json.loads(report.with_suffix(".json").read_text())
     assert set(results["bank"]) == {"t1", "t1ce", "t2", "flair"}
@@ -90,13 +104,30 @@ def test_the_readme_pretraining_command_with_defaults_feeds_the_default_job(tmp_
     from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
 
     data = build_federation(tmp_path / "data", shape=(40, 40, 24), cases_per_site=2, test_cases=1)
-    assert main(["pretrain-generator", str(data / "site-1"), str(data / "site-2"), "-o", str(tmp_path / "pre"),
-                 "--steps", "2"]) == 0  # --steps only to keep the test short: every shape setting at its default
+    assert (
+        main(
+            [
+                "pretrain-generator",
+                str(data / "site-1"),
+                str(data / "site-2"),
+                "-o",
+                str(tmp_path / "pre"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )  # --steps only to keep the test short: every shape setting at its default
 
     job = json.loads((REPO / "jobs/modalitybank/app/config/config_fed_server.json").read_text())
     generator = GeneratorConfig.from_dict(job["workflows"][0]["args"]["generator"])
-    workers = build_workers({s: data / s for s in ("site-1", "site-2", "site-3")}, generator, tmp_path / "sites",
-                            site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=8, n_layers=2))
+    workers = build_workers(
+        {s: data / s for s in ("site-1", "site-2", "site-3")},
+        generator,
+        tmp_path / "sites",
+        site=BankSiteConfig(split="all"),
+        adversary=AdversaryConfig(ndf=8, n_layers=2),
+    )
     sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
     trainer = GeneratorTrainer(resolve_config(generator, sites))
     trainer.load_pretrained(tmp_path / "pre")

@@ -38,7 +38,9 @@ class Settings:
         unknown = sorted(set(values) - set(known))
         if unknown:
             place = f" in {where}" if where else ""
-            raise ValueError(f"unknown {cls.settings_name or cls.__name__} settings {unknown}{place}; known: {sorted(known)}")
+            raise ValueError(
+                f"unknown {cls.settings_name or cls.__name__} settings {unknown}{place}; known: {sorted(known)}"
+            )
         hints = typing.get_type_hints(cls)
         for name, value in values.items():
             if isinstance(value, list) and "tuple" in str(hints.get(name, "")):

@@ -153,7 +153,7 @@ class SegConfig(Settings):
         }
 
     @classmethod
-    def from_net_args(cls, net_args: Mapping[str, Any], **overrides: Any) -> "SegConfig":
+    def from_net_args(cls, net_args: Mapping[str, Any], **overrides: Any) -> SegConfig:
         """The configuration implied by a `SegmentationNet` spec (for scoring a bare checkpoint)."""
         values: dict[str, Any] = {
             "spatial_dims": int(net_args.get("spatial_dims", 2)),
@@ -171,7 +171,7 @@ class SegConfig(Settings):
 
 
 def parse_regions(regions: Sequence[str] | str | None) -> tuple[str, ...]:
-    """"WT,TC,ET", ["wt", "tc"] or None (the default) -> canonical ordered region names."""
+    """ "WT,TC,ET", ["wt", "tc"] or None (the default) -> canonical ordered region names."""
     if regions is None:
         return ()
     if isinstance(regions, str):

@@ -28,7 +28,9 @@ TABLE_MD = "cross_site_table.md"
 TABLE_JSON = "cross_site_table.json"
 
 
-def cross_site_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str] | None = None) -> str:
+def cross_site_markdown(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str] | None = None
+) -> str:
     """Markdown tables (one per metric): rows = models, columns = the sites whose test split scored them.
 
     Args:
@@ -98,7 +100,9 @@ class CrossSiteTable(Widget):
         folder = os.path.join(run_dir, self.results_dir)
         os.makedirs(folder, exist_ok=True)
         table = cross_site_markdown(self.results, self.metrics)
-        text = "# Cross-site evaluation (rows: models; columns: the site whose test split scored them)\n\n" + table + "\n"
+        text = (
+            "# Cross-site evaluation (rows: models; columns: the site whose test split scored them)\n\n" + table + "\n"
+        )
         for name, content in ((TABLE_MD, text), (TABLE_JSON, json.dumps(self.results, indent=2))):
             write_text_atomically(os.path.join(folder, name), content)
         self.log_info(fl_ctx, f"cross-site evaluation:\n{table}")

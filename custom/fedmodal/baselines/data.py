@@ -21,15 +21,16 @@ import torch
 from monai.data import DataLoader, list_data_collate
 from monai.transforms import Compose
 
-from fedmodal.brats import ENHANCING, MODALITIES, NECROSIS, OEDEMA, REGION_LABELS, ordered_modalities
 from fedmodal.baselines.config import SegConfig
+from fedmodal.brats import ENHANCING, MODALITIES, NECROSIS, OEDEMA, REGION_LABELS, ordered_modalities
 from fedmodal.data.datasets import segmentation_dataset
-from fedmodal.data.loading import LoadBraTSCased, case_record
-from fedmodal.data.transforms import ZScoreOverBraind, segmentation_transforms
 from fedmodal.data.layouts import CaseFiles
+from fedmodal.data.loading import LoadBraTSCased, case_record
 from fedmodal.data.manifest import build_manifest
+from fedmodal.data.transforms import ZScoreOverBraind, segmentation_transforms
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SiteData:
@@ -109,7 +110,9 @@ def site_data(manifest, include_synthetic: bool = False) -> SiteData:
         if filled:
             synthetic[case.case_id] = filled
     if include_synthetic and not synthetic:
-        logger.warning("site %s: synthetic files were asked for but none fills a missing modality under %s", manifest.site, root)
+        logger.warning(
+            "site %s: synthetic files were asked for but none fills a missing modality under %s", manifest.site, root
+        )
     # Each case carries exactly the modalities the site uses, so pooled sites keep their own.
     used = set(manifest.modalities)
     splits = {name: [_restrict(case, used) for case in manifest.cases_in(name)] for name in ("train", "val", "test")}

@@ -125,17 +125,28 @@ def markdown_tables(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
-def write_results(rows: Mapping[str, Mapping[str, Any]], out_dir: str | Path, title: str = "", context: Mapping[str, Any] | None = None) -> dict[str, Path]:
+def write_results(
+    rows: Mapping[str, Mapping[str, Any]],
+    out_dir: str | Path,
+    title: str = "",
+    context: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write results.md, results.csv, cases.csv and results.json into `out_dir`; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f for k, f in (("md", "results.md"), ("csv", "results.csv"), ("cases", "cases.csv"), ("json", "results.json"))}
+    paths = {
+        k: out / f
+        for k, f in (("md", "results.md"), ("csv", "results.csv"), ("cases", "cases.csv"), ("json", "results.json"))
+    }
 
     lines = [f"# {title}" if title else "# Segmentation results", ""]
     if context:
         lines += [f"- {k}: {v}" for k, v in context.items()] + [""]
     lines += [markdown_tables(rows), ""]
-    lines += ["Inputs per model: " + "; ".join(f"{n}: {', '.join(r['modalities']) or '-'}" for n, r in rows.items()), ""]
+    lines += [
+        "Inputs per model: " + "; ".join(f"{n}: {', '.join(r['modalities']) or '-'}" for n, r in rows.items()),
+        "",
+    ]
     write_text_atomically(paths["md"], "\n".join(lines))  # ends in "\n": the last line is empty
 
     with open_atomically(paths["csv"], newline="") as f:
@@ -154,13 +165,18 @@ def write_results(rows: Mapping[str, Mapping[str, Any]], out_dir: str | Path, ti
         for name, row in rows.items():
             for case in row["cases"]:
                 for region, metrics in case["scores"].items():
-                    writer.writerow([name, case["case_id"], region, *(f"{metrics[m]:.6g}" for m in SEGMENTATION_METRICS)])
+                    writer.writerow(
+                        [name, case["case_id"], region, *(f"{metrics[m]:.6g}" for m in SEGMENTATION_METRICS)]
+                    )
 
     payload = {
         "title": title,
         "context": dict(context or {}),
         "models": {
-            name: {**{k: v for k, v in row.items() if k != "cases"}, "cases": [{k: v for k, v in c.items() if k != "prediction"} for c in row["cases"]]}
+            name: {
+                **{k: v for k, v in row.items() if k != "cases"},
+                "cases": [{k: v for k, v in c.items() if k != "prediction"} for c in row["cases"]],
+            }
             for name, row in rows.items()
         },
     }
@@ -180,19 +196,39 @@ def default_test_root() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fedmodal evaluate`."""
-    parser.add_argument("--model", "-m", nargs="+", required=True, metavar="[NAME=]PATH",
-                        help="checkpoint(s): fedmodal best.pt/last.pt, or an NVFlare server model file "
-                        "(best_FL_global_model.pt) inside its app folder; NAME= labels the table row")
-    parser.add_argument("--data", default=None,
-                        help="test folder of BraTS cases (default: the phantom federation's held-out test/)")
-    parser.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
-                        help="which of the folder's cases to score (default all: the folder is a test set)")
-    parser.add_argument("--modalities", nargs="+", default=None, metavar="MOD",
-                        help="input modalities for every model (default: each model's trained modalities)")
-    parser.add_argument("--include-synthetic", action="store_true",
-                        help="fill missing modalities from <case>_<mod>_synthetic files")
-    parser.add_argument("--net-config", default=None,
-                        help="SegmentationNet args (JSON file or string) for NVFlare model files moved out of their app")
+    parser.add_argument(
+        "--model",
+        "-m",
+        nargs="+",
+        required=True,
+        metavar="[NAME=]PATH",
+        help="checkpoint(s): fedmodal best.pt/last.pt, or an NVFlare server model file "
+        "(best_FL_global_model.pt) inside its app folder; NAME= labels the table row",
+    )
+    parser.add_argument(
+        "--data", default=None, help="test folder of BraTS cases (default: the phantom federation's held-out test/)"
+    )
+    parser.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "val", "test"],
+        help="which of the folder's cases to score (default all: the folder is a test set)",
+    )
+    parser.add_argument(
+        "--modalities",
+        nargs="+",
+        default=None,
+        metavar="MOD",
+        help="input modalities for every model (default: each model's trained modalities)",
+    )
+    parser.add_argument(
+        "--include-synthetic", action="store_true", help="fill missing modalities from <case>_<mod>_synthetic files"
+    )
+    parser.add_argument(
+        "--net-config",
+        default=None,
+        help="SegmentationNet args (JSON file or string) for NVFlare model files moved out of their app",
+    )
     parser.add_argument("--with-empty", action="store_true", help="add an all-background reference row")
     parser.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     parser.add_argument("--title", default="", help="title of results.md")
@@ -211,14 +247,23 @@ def run(args: argparse.Namespace) -> int:
     cases = site.cases(args.split)
     if not cases:
         raise SystemExit(f"no {args.split} case with a segmentation under {data_root}")
-    modalities = tuple(m for m in MODALITIES if m in {canonical_modality(x) for x in args.modalities}) if args.modalities else None
+    modalities = (
+        tuple(m for m in MODALITIES if m in {canonical_modality(x) for x in args.modalities})
+        if args.modalities
+        else None
+    )
     net_args = None
     if args.net_config:
         text = Path(args.net_config).read_text() if Path(args.net_config).is_file() else args.net_config
         net_args = json.loads(text)
     volumes = load_volumes(cases)
     rows = score_models(parse_model_args(args.model), volumes, modalities, str(device), net_args, args.with_empty)
-    context = {"data": str(data_root), "split": args.split, "cases": len(cases), "held modalities": ", ".join(site.modalities)}
+    context = {
+        "data": str(data_root),
+        "split": args.split,
+        "cases": len(cases),
+        "held modalities": ", ".join(site.modalities),
+    }
     paths = write_results(rows, args.out, args.title or f"Segmentation on {data_root.name}", context)
     print(markdown_tables(rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -16,7 +16,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 from nvflare.apis.dxo import MetaKey
 from nvflare.apis.event_type import EventType
@@ -106,7 +105,9 @@ class SegExecutor(Executor):
         from fedmodal.baselines.data import load_volumes
 
         if split not in self.volumes:
-            self.volumes[split] = load_volumes(self.data.validation_cases() if split == "val" else self.data.cases(split))
+            self.volumes[split] = load_volumes(
+                self.data.validation_cases() if split == "val" else self.data.cases(split)
+            )
         return self.volumes[split]
 
     # ------------------------------------------------------------------ tasks
@@ -133,12 +134,19 @@ class SegExecutor(Executor):
 
         global_val = flat_metrics(self.trainer.score(self._volumes("val")), prefix="val_")
         mu = float((incoming.meta or {}).get(AlgorithmConstants.FEDPROX_MU) or 0.0)
-        stats = self.trainer.train_epochs(self.loader, self.local_epochs, fedprox_mu=mu, should_stop=lambda: abort_signal.triggered)
+        stats = self.trainer.train_epochs(
+            self.loader, self.local_epochs, fedprox_mu=mu, should_stop=lambda: abort_signal.triggered
+        )
         if stats["stopped"]:
             return make_reply(ReturnCode.TASK_ABORTED)
 
         local_val = flat_metrics(self.trainer.score(self._volumes("val")), prefix="val_")
-        meta = {"trained_modalities": list(self.data.modalities), "sites": [self.site_name], "round": current_round, "fedprox_mu": mu}
+        meta = {
+            "trained_modalities": list(self.data.modalities),
+            "sites": [self.site_name],
+            "round": current_round,
+            "fedprox_mu": mu,
+        }
         save_checkpoint(self.out_dir / "local_last.pt", self.trainer, {**meta, "val_dice": local_val["val_dice"]})
         if local_val["val_dice"] > self.best_local:
             self.best_local = local_val["val_dice"]
@@ -155,13 +163,22 @@ class SegExecutor(Executor):
             "fedprox_mu": mu,
         }
         self.log_info(fl_ctx, "round " + json.dumps(record))
-        self._stream({"train_loss": stats["loss"], "global_val_dice": global_val["val_dice"], "local_val_dice": local_val["val_dice"],
-                      **{f"global_{k}": v for k, v in global_val.items() if k.startswith(("val_dice_", "val_hd95_"))}}, current_round)
+        self._stream(
+            {
+                "train_loss": stats["loss"],
+                "global_val_dice": global_val["val_dice"],
+                "local_val_dice": local_val["val_dice"],
+                **{f"global_{k}": v for k, v in global_val.items() if k.startswith(("val_dice_", "val_hd95_"))},
+            },
+            current_round,
+        )
 
         result = FLModel(
             params=self.trainer.state_numpy(),
             params_type=ParamsType.FULL,
-            metrics={k: v for k, v in global_val.items() if k != "val_n_cases"},  # the received model's: for model selection
+            metrics={
+                k: v for k, v in global_val.items() if k != "val_n_cases"
+            },  # the received model's: for model selection
             meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"]},
             current_round=current_round,
         )
@@ -183,8 +200,18 @@ class SegExecutor(Executor):
             return make_reply(ReturnCode.EMPTY_RESULT)
         start = time.time()
         metrics = flat_metrics(self.trainer.score(volumes), prefix="" if cross_site else "val_")
-        self.log_info(fl_ctx, f"{split} " + json.dumps({"site": self.site_name, "model": owner, **{k: round(v, 4) for k, v in metrics.items()},
-                                                        "seconds": round(time.time() - start, 1)}))
+        self.log_info(
+            fl_ctx,
+            f"{split} "
+            + json.dumps(
+                {
+                    "site": self.site_name,
+                    "model": owner,
+                    **{k: round(v, 4) for k, v in metrics.items()},
+                    "seconds": round(time.time() - start, 1),
+                }
+            ),
+        )
         return FLModelUtils.to_shareable(FLModel(metrics=metrics))
 
     def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

@@ -78,10 +78,14 @@ def site_folders(root: Path, sites: list[str] | None, test_name: str = "test") -
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and training settings shared by `train-seg` and the FedAvg benchmark."""
     group = parser.add_argument_group("model and training")
-    group.add_argument("--dims", type=int, default=2, choices=[2, 3],
-                       help="2: axial-slice U-Net (default); 3: patch U-Net with sliding-window inference")
-    group.add_argument("--regions", nargs="+", default=None,
-                       help="regions to predict (default 2D: WT; 3D: WT TC ET)")
+    group.add_argument(
+        "--dims",
+        type=int,
+        default=2,
+        choices=[2, 3],
+        help="2: axial-slice U-Net (default); 3: patch U-Net with sliding-window inference",
+    )
+    group.add_argument("--regions", nargs="+", default=None, help="regions to predict (default 2D: WT; 3D: WT TC ET)")
     group.add_argument("--arch", default="unet", choices=["unet", "basicunet"], help="MONAI network (default unet)")
     group.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net channels per level")
     group.add_argument("--num-res-units", type=int, default=-1, help="residual units per level (unet)")
@@ -90,13 +94,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples-per-case", type=int, default=0, help="slices or patches per case per epoch")
     group.add_argument("--loss", default="dicece", choices=["dicece", "dicefocal"], help="default dicece")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    group.add_argument("--modality-dropout", type=float, default=0.0,
-                       help="chance each available modality is dropped from a training sample (default 0)")
+    group.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=0.0,
+        help="chance each available modality is dropped from a training sample (default 0)",
+    )
     group.add_argument("--no-mask-channels", action="store_true", help="do not feed the availability mask channels")
     group.add_argument("--no-augment", action="store_true", help="no flips or intensity jitter")
-    group.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on recent CPUs")
-    group.add_argument("--include-synthetic", action="store_true",
-                       help="fill missing modalities from <case>_<mod>_synthetic.nii.gz files (completed sites)")
+    group.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on recent CPUs"
+    )
+    group.add_argument(
+        "--include-synthetic",
+        action="store_true",
+        help="fill missing modalities from <case>_<mod>_synthetic.nii.gz files (completed sites)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SegConfig:
@@ -123,14 +136,22 @@ def config_from_args(args: argparse.Namespace) -> SegConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fedmodal train-seg`."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", default=None,
-                       help="federation folder with one sub-folder per site, or one site's BraTS folder "
-                       "(default: $FEDMODAL_DATA_ROOT, else the phantom federation)")
+    group.add_argument(
+        "--data-root",
+        default=None,
+        help="federation folder with one sub-folder per site, or one site's BraTS folder "
+        "(default: $FEDMODAL_DATA_ROOT, else the phantom federation)",
+    )
     group.add_argument("--preset", default="modalitybank-missing", help="phantom preset when no data root is set")
-    group.add_argument("--sites", nargs="+", default=None,
-                       help="site folders to train on; several are pooled (centralised). Default: every site")
-    group.add_argument("--test", default=None,
-                       help="held-out test folder (default <data root>/test when it exists; 'none' to skip)")
+    group.add_argument(
+        "--sites",
+        nargs="+",
+        default=None,
+        help="site folders to train on; several are pooled (centralised). Default: every site",
+    )
+    group.add_argument(
+        "--test", default=None, help="held-out test folder (default <data root>/test when it exists; 'none' to skip)"
+    )
     add_config_arguments(parser)
     group = parser.add_argument_group("run")
     group.add_argument("--epochs", type=int, default=100, help="passes over the training cases (default 100)")
@@ -168,37 +189,58 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("%s has no validation case: validating on 2 training cases", name)
     val_volumes = load_volumes(data.validation_cases())
     trainer = SegTrainer(cfg, device=device, seed=seed)
-    meta = {"trained_modalities": list(data.modalities), "sites": [s.name for s in sites], "mode": "centralised" if len(sites) > 1 else "local"}
-    (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "net": trainer.net.config(), "data": data.summary(), "root": str(root), "seed": args.seed, **meta}, indent=2))
+    meta = {
+        "trained_modalities": list(data.modalities),
+        "sites": [s.name for s in sites],
+        "mode": "centralised" if len(sites) > 1 else "local",
+    }
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "config": cfg.to_dict(),
+                "net": trainer.net.config(),
+                "data": data.summary(),
+                "root": str(root),
+                "seed": args.seed,
+                **meta,
+            },
+            indent=2,
+        )
+    )
 
     writer = _summary_writer(out / "tb")
-    history = open(out / "history.jsonl", "a")
     best, start = -math.inf, time.time()
-    try:
-        for epoch in range(1, args.epochs + 1):
-            stats = trainer.train_epochs(loader, 1)
+    with open(out / "history.jsonl", "a") as history:
+        try:
+            for epoch in range(1, args.epochs + 1):
+                stats = trainer.train_epochs(loader, 1)
+                if writer:
+                    writer.add_scalar("train/loss", stats["loss"], epoch)
+                if epoch % args.val_every and epoch != args.epochs:
+                    continue
+                metrics = flat_metrics(trainer.score(val_volumes), prefix="val_")
+                elapsed = time.time() - start
+                record = {
+                    "site": name,
+                    "epoch": epoch,
+                    "loss": round(stats["loss"], 5),
+                    **{k: round(v, 5) for k, v in metrics.items()},
+                    "elapsed_s": round(elapsed, 1),
+                    "eta_s": round(elapsed / epoch * (args.epochs - epoch), 1),
+                }
+                history.write(json.dumps(record) + "\n")
+                history.flush()
+                print(json.dumps(record), flush=True)
+                if writer:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"val/{key[4:]}", value, epoch)
+                if metrics["val_dice"] > best:
+                    best = metrics["val_dice"]
+                    save_checkpoint(out / "best.pt", trainer, {**meta, "epoch": epoch, "val_dice": best})
+            save_checkpoint(out / "last.pt", trainer, {**meta, "epoch": args.epochs, "val_dice": metrics["val_dice"]})
+        finally:
             if writer:
-                writer.add_scalar("train/loss", stats["loss"], epoch)
-            if epoch % args.val_every and epoch != args.epochs:
-                continue
-            metrics = flat_metrics(trainer.score(val_volumes), prefix="val_")
-            elapsed = time.time() - start
-            record = {"site": name, "epoch": epoch, "loss": round(stats["loss"], 5), **{k: round(v, 5) for k, v in metrics.items()},
-                      "elapsed_s": round(elapsed, 1), "eta_s": round(elapsed / epoch * (args.epochs - epoch), 1)}
-            history.write(json.dumps(record) + "\n")
-            history.flush()
-            print(json.dumps(record), flush=True)
-            if writer:
-                for key, value in metrics.items():
-                    writer.add_scalar(f"val/{key[4:]}", value, epoch)
-            if metrics["val_dice"] > best:
-                best = metrics["val_dice"]
-                save_checkpoint(out / "best.pt", trainer, {**meta, "epoch": epoch, "val_dice": best})
-        save_checkpoint(out / "last.pt", trainer, {**meta, "epoch": args.epochs, "val_dice": metrics["val_dice"]})
-    finally:
-        history.close()
-        if writer:
-            writer.close()
+                writer.close()
     train_seconds = time.time() - start
     logger.info("trained %d epochs in %.0fs; best validation Dice %.4f", args.epochs, train_seconds, best)
 
@@ -210,19 +252,36 @@ def run(args: argparse.Namespace) -> int:
         if not test_cases:
             continue
         rows = score_models(models, load_volumes(test_cases), modalities=site.modalities, device=str(device))
-        write_results(rows, out / "evaluation" / f"{site.name}-test", f"{name} on {site.name}'s test split",
-                      {"cases": len(test_cases), "modalities": ", ".join(site.modalities)})
+        write_results(
+            rows,
+            out / "evaluation" / f"{site.name}-test",
+            f"{name} on {site.name}'s test split",
+            {"cases": len(test_cases), "modalities": ", ".join(site.modalities)},
+        )
         results[f"{site.name}-test"] = flat_metrics(next(iter(rows.values()))["cases"])
     test_root = None if (args.test or "").lower() == "none" else Path(args.test) if args.test else root / "test"
     if test_root is not None and test_root.is_dir():
         held = load_site(test_root, include_synthetic=cfg.include_synthetic)
         rows = score_models(models, load_volumes(held.cases("all")), device=str(device), with_empty=True)
-        paths = write_results(rows, out / "evaluation" / "heldout", f"{name} on the held-out test set",
-                              {"data": str(test_root), "cases": len(held.cases("all")), "model inputs": ", ".join(data.modalities)})
+        paths = write_results(
+            rows,
+            out / "evaluation" / "heldout",
+            f"{name} on the held-out test set",
+            {"data": str(test_root), "cases": len(held.cases("all")), "model inputs": ", ".join(data.modalities)},
+        )
         results["heldout"] = flat_metrics(rows[f"{name} (best)"]["cases"])
         print(paths["md"].read_text())
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({"site": name, "event": "done", "out": str(out), **{k: v for k, v in results.items() if not isinstance(v, dict)}}))
+    print(
+        json.dumps(
+            {
+                "site": name,
+                "event": "done",
+                "out": str(out),
+                **{k: v for k, v in results.items() if not isinstance(v, dict)},
+            }
+        )
+    )
     return 0
 
 

@@ -23,9 +23,9 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 
 from fedmodal.atomic import save_atomically
-from fedmodal.brats import MODALITIES
 from fedmodal.baselines.config import SegConfig
 from fedmodal.baselines.data import drop_modalities, network_input, region_targets, regions_to_label
+from fedmodal.brats import MODALITIES
 from fedmodal.metrics import segmentation_scores, summarise
 from fedmodal.nets.segmentation import SegmentationNet
 
@@ -62,7 +62,9 @@ class SegTrainer:
         torch.manual_seed(seed)
         self.net = SegmentationNet(**cfg.net_args()).to(self.device)
         if any(size % self.net.divisor for size in cfg.patch_size):
-            raise ValueError(f"patch_size {cfg.patch_size} must be a multiple of {self.net.divisor} for this network's depth")
+            raise ValueError(
+                f"patch_size {cfg.patch_size} must be a multiple of {self.net.divisor} for this network's depth"
+            )
         self.loss_fn = build_loss(cfg.loss)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(seed + 1)
@@ -137,7 +139,9 @@ class SegTrainer:
                 if should_stop is not None and should_stop():
                     return {"loss": last_loss, "steps": steps, "seconds": time.time() - start, "stopped": True}
                 image = batch["image"].to(self.device).float()
-                avail = drop_modalities(torch.as_tensor(batch["avail"]).bool(), self.cfg.modality_dropout, self.generator)
+                avail = drop_modalities(
+                    torch.as_tensor(batch["avail"]).bool(), self.cfg.modality_dropout, self.generator
+                )
                 x = network_input(image, avail, self.cfg.mask_channels)
                 y = region_targets(batch["label"].to(self.device), self.cfg.regions)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -212,7 +216,9 @@ class SegTrainer:
             if modalities is not None:
                 avail &= torch.tensor([m in modalities for m in MODALITIES])
             pred = self.predict(volume["image"], avail, volume["brain"])
-            scores = segmentation_scores(pred, volume["label"].numpy(), volume["spacing"], et_label=3, regions=self.cfg.regions)
+            scores = segmentation_scores(
+                pred, volume["label"].numpy(), volume["spacing"], et_label=3, regions=self.cfg.regions
+            )
             record = {"case_id": volume["case_id"], "scores": scores, "seconds": time.time() - start}
             if keep_predictions:
                 record["prediction"] = pred
@@ -335,4 +341,16 @@ def trainer_from_checkpoint(
 
 def _net_to_cfg(net_args: Mapping[str, Any]) -> dict[str, Any]:
     cfg = SegConfig.from_net_args(net_args)
-    return {k: getattr(cfg, k) for k in ("spatial_dims", "regions", "arch", "channels", "num_res_units", "dropout", "mask_channels", "patch_size")}
+    return {
+        k: getattr(cfg, k)
+        for k in (
+            "spatial_dims",
+            "regions",
+            "arch",
+            "channels",
+            "num_res_units",
+            "dropout",
+            "mask_channels",
+            "patch_size",
+        )
+    }

@@ -190,8 +190,15 @@ class SynthesisSlices(torch.utils.data.Dataset):
         conds, images, avails, brains, labels, keys = [], [], [], [], [], []
         for case in cases:
             part = self._case_slices(
-                case, slices, min_tumour_fraction, min_brain_fraction, et_label, modalities, margin,
-                max_slices_per_case, cavity_label,
+                case,
+                slices,
+                min_tumour_fraction,
+                min_brain_fraction,
+                et_label,
+                modalities,
+                margin,
+                max_slices_per_case,
+                cavity_label,
             )
             if part is None:
                 continue
@@ -213,7 +220,16 @@ class SynthesisSlices(torch.utils.data.Dataset):
         logger.info("SynthesisSlices: %d slices of %d cases at %dx%d", len(keys), len(cases), s, s)
 
     def _case_slices(
-        self, case, slices, min_tumour_fraction, min_brain_fraction, et_label, modalities, margin, max_slices, cavity_label
+        self,
+        case,
+        slices,
+        min_tumour_fraction,
+        min_brain_fraction,
+        et_label,
+        modalities,
+        margin,
+        max_slices,
+        cavity_label,
     ):
         loaded = load_case(case, modalities, et_label=et_label, cavity_label=cavity_label)
         brain, label = loaded["brain"], loaded["label"]

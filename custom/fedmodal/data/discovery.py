@@ -101,7 +101,10 @@ def detect_release(root: str | Path) -> str:
     if len(counts) > 1:
         listed = ", ".join(f"{r}: {n}" for r, n in sorted(counts.items()))
         raise DataError(
-            site=root.name, case=None, file=root, problem=f"case folders of several releases mixed ({listed}); keep one per site"
+            site=root.name,
+            case=None,
+            file=root,
+            problem=f"case folders of several releases mixed ({listed}); keep one per site",
         )
     return next(iter(counts))
 

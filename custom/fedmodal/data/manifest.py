@@ -150,7 +150,7 @@ class SiteManifest:
         write_json_atomically(path, payload)
 
     @classmethod
-    def from_json(cls, path: str | Path, root: str | Path | None = None) -> "SiteManifest":
+    def from_json(cls, path: str | Path, root: str | Path | None = None) -> SiteManifest:
         """Read a manifest written by :meth:`to_json`.
 
         Args:

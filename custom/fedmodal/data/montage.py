@@ -17,8 +17,12 @@ from fedmodal.data.discovery import read_case_folder
 from fedmodal.data.layouts import release_of_folder
 
 # BraTS's usual colours: necrosis red, oedema green, enhancing yellow (resection cavity blue).
-LABEL_COLOURS = {"necrosis": (0.9, 0.1, 0.1), "oedema": (0.1, 0.8, 0.2), "enhancing": (1.0, 0.9, 0.0),
-                 "cavity": (0.2, 0.4, 1.0)}
+LABEL_COLOURS = {
+    "necrosis": (0.9, 0.1, 0.1),
+    "oedema": (0.1, 0.8, 0.2),
+    "enhancing": (1.0, 0.9, 0.0),
+    "cavity": (0.2, 0.4, 1.0),
+}
 
 
 def _label_names(release: str | None, values: set[int]) -> dict[int, str]:
@@ -140,12 +144,24 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
                 handles.append(Patch(color=LABEL_COLOURS[name], label=name))
         ax.imshow(display(overlay), origin="lower", aspect=aspect, interpolation="nearest")
         if handles:
-            ax.legend(handles=handles, loc="lower center", fontsize=7, framealpha=0.6, ncol=len(handles),
-                      handlelength=1.0, columnspacing=0.6, borderpad=0.3, bbox_to_anchor=(0.5, -0.02))
+            ax.legend(
+                handles=handles,
+                loc="lower center",
+                fontsize=7,
+                framealpha=0.6,
+                ncol=len(handles),
+                handlelength=1.0,
+                columnspacing=0.6,
+                borderpad=0.3,
+                bbox_to_anchor=(0.5, -0.02),
+            )
     else:
         ax.text(0.5, 0.5, "no seg", color="0.6", fontsize=14, ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{case_dir.name}   axial slice {slice_index}/{shape[2] - 1}   "
-                 f"{zooms[0]:g}x{zooms[1]:g}x{zooms[2]:g} mm", color="white", fontsize=10)
+    fig.suptitle(
+        f"{case_dir.name}   axial slice {slice_index}/{shape[2] - 1}   {zooms[0]:g}x{zooms[1]:g}x{zooms[2]:g} mm",
+        color="white",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.93), w_pad=0.3)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fedmodal montage``."""
     parser.add_argument("case_dir", help="a BraTS case folder")
     parser.add_argument("-o", "--out", default=None, help="PNG to write (default: <case id>.png here)")
-    parser.add_argument("--slice", type=int, default=None, dest="slice_index",
-                        help="axial slice index (default: the slice with the most tumour)")
+    parser.add_argument(
+        "--slice",
+        type=int,
+        default=None,
+        dest="slice_index",
+        help="axial slice index (default: the slice with the most tumour)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

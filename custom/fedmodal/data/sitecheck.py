@@ -20,16 +20,23 @@ from fedmodal.data.manifest import ON_ERROR, build_manifest
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fedmodal site-check``."""
     parser.add_argument("root", metavar="DIR", help="the site's BraTS data folder (any release layout)")
-    parser.add_argument("--site", default=None, help="site name (default: fedmodal_site.json's, else the folder's name)")
+    parser.add_argument(
+        "--site", default=None, help="site name (default: fedmodal_site.json's, else the folder's name)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
-        "--on-error", choices=ON_ERROR, default=None, help="skip bad cases and report them (default), or stop at the first"
+        "--on-error",
+        choices=ON_ERROR,
+        default=None,
+        help="skip bad cases and report them (default), or stop at the first",
     )
     parser.add_argument("--no-seg", action="store_true", help="cases need no segmentation (e.g. synthesis-only sites)")
     parser.add_argument(
         "--exclude", nargs="*", default=(), metavar="MODALITY", help="modalities held but not to be used"
     )
-    parser.add_argument("--write-manifest", default=None, metavar="PATH", help="also write the manifest JSON (atomically)")
+    parser.add_argument(
+        "--write-manifest", default=None, metavar="PATH", help="also write the manifest JSON (atomically)"
+    )
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -205,6 +205,8 @@ def direct_handler(execute: Callable[[str, Shareable, FLContext, Signal], Sharea
     return handle
 
 
-def serve_direct(topic: str, execute: Callable[[str, Shareable, FLContext, Signal], Shareable], fl_ctx: FLContext) -> None:
+def serve_direct(
+    topic: str, execute: Callable[[str, Shareable, FLContext, Signal], Shareable], fl_ctx: FLContext
+) -> None:
     """At a site: answer direct messages on `topic` with `execute` (see `direct_handler`)."""
     fl_ctx.get_engine().register_aux_message_handler(topic, direct_handler(execute))

@@ -66,7 +66,9 @@ class InventoryExecutor(Executor):
         summary = relative_to_root(summary, Path(site.manifest.root))
         summary["data_source"] = "site data root" if data_root_is_set(self.site_config.data_root) else "phantoms"
         summary["seconds"] = round(time.time() - start, 3)
-        self.log_info(fl_ctx, "summary: " + json.dumps({k: summary[k] for k in ("n_cases", "modalities", "n_problems")}))
+        self.log_info(
+            fl_ctx, "summary: " + json.dumps({k: summary[k] for k in ("n_cases", "modalities", "n_problems")})
+        )
         return DXO(data_kind=DataKind.APP_DEFINED, data={"summary": summary}).to_shareable()
 
 
@@ -117,7 +119,9 @@ class InventoryController(Controller):
         run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
         path = os.path.join(run_dir, INVENTORY_FILE)
         write_json_atomically(path, inventory)
-        self.log_info(fl_ctx, f"wrote {path}: {len(summaries)} site(s), {sum(s['n_cases'] for s in summaries.values())} cases")
+        self.log_info(
+            fl_ctx, f"wrote {path}: {len(summaries)} site(s), {sum(s['n_cases'] for s in summaries.values())} cases"
+        )
         if len(summaries) < min_sites:
             self.system_panic(f"only {sorted(summaries)} answered; failed: {failures}", fl_ctx)
 

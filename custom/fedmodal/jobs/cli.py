@@ -1,11 +1,11 @@
 """`fedmodal job list | export | run`: fedmodal's jobs through NVFlare's recipe environments.
 
-    fedmodal job list
-    fedmodal job export modalitybank jobs/                 # the classic folder, as committed
-    fedmodal job run modalitybank --env sim                # NVFlare's SimEnv, one thread per site
-    fedmodal job run fedavg --env sim --set num_rounds=2 --set seg.lr=0.0005
-    fedmodal job run modalitybank --env poc                # NVFlare's PocEnv (fresh local POC)
-    fedmodal job run modalitybank --env prod --startup-kit /path/to/admin@hospital.org
+fedmodal job list
+fedmodal job export modalitybank jobs/                 # the classic folder, as committed
+fedmodal job run modalitybank --env sim                # NVFlare's SimEnv, one thread per site
+fedmodal job run fedavg --env sim --set num_rounds=2 --set seg.lr=0.0005
+fedmodal job run modalitybank --env poc                # NVFlare's PocEnv (fresh local POC)
+fedmodal job run modalitybank --env prod --startup-kit /path/to/admin@hospital.org
 """
 
 from __future__ import annotations
@@ -29,16 +29,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("name", help="job name (fedmodal job list)")
     run.add_argument("--env", choices=ENVS, default="sim", help="sim (default), poc or prod")
     run.add_argument("-n", "--sites", type=int, default=3, help="sim/poc: number of sites, named site-1.. (default 3)")
-    run.add_argument("--workspace", type=Path, default=Path("simulator_workspace"),
-                     help="sim: workspace root; the run goes to <workspace>/<job name> (default ./simulator_workspace)")
+    run.add_argument(
+        "--workspace",
+        type=Path,
+        default=Path("simulator_workspace"),
+        help="sim: workspace root; the run goes to <workspace>/<job name> (default ./simulator_workspace)",
+    )
     run.add_argument("--startup-kit", type=Path, help="prod: the admin's startup kit folder")
-    run.add_argument("--username", default="admin@nvidia.com", help="poc/prod: admin user (default POC's admin@nvidia.com)")
+    run.add_argument(
+        "--username", default="admin@nvidia.com", help="poc/prod: admin user (default POC's admin@nvidia.com)"
+    )
     _add_set(run)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one setting: KEY or SECTION.KEY (repeatable; values are JSON where they parse)")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one setting: KEY or SECTION.KEY (repeatable; values are JSON where they parse)",
+    )
 
 
 def _spec(name: str):
@@ -93,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     result = recipe.run(env)
     status = result.get_status()
     workspace = result.get_result()
-    print(json.dumps({"job": spec.name, "env": args.env, "job_id": result.get_job_id(), "status": status,
-                      "result": workspace}))
+    print(
+        json.dumps(
+            {"job": spec.name, "env": args.env, "job_id": result.get_job_id(), "status": status, "result": workspace}
+        )
+    )
     return 0

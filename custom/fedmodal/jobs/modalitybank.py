@@ -34,7 +34,12 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     return job
 
 
-SECTIONS = {"generator": GeneratorConfig, "server": ControllerConfig, "site": BankSiteConfig, "adversary": AdversaryConfig}
+SECTIONS = {
+    "generator": GeneratorConfig,
+    "server": ControllerConfig,
+    "site": BankSiteConfig,
+    "adversary": AdversaryConfig,
+}
 
 MODALITYBANK = JobSpec(
     name="modalitybank",

@@ -49,7 +49,8 @@ class JobSpec:
             raise ValueError(f"job {self.name} has no settings section {unknown}; sections: {sorted(self.sections)}")
         return {
             section: cls.from_dict(
-                {**self.defaults.get(section, {}), **overrides.get(section, {})}, where=f"job {self.name}, section {section}"
+                {**self.defaults.get(section, {}), **overrides.get(section, {})},
+                where=f"job {self.name}, section {section}",
             )
             for section, cls in self.sections.items()
         }
@@ -80,13 +81,17 @@ def route_settings(spec: JobSpec, values: Mapping[str, Any]) -> dict[str, dict[s
         section, dot, name = key.rpartition(".")
         if dot:
             if section not in spec.sections:
-                raise ValueError(f"{key!r}: job {spec.name} has no section {section!r}; sections: {sorted(spec.sections)}")
+                raise ValueError(
+                    f"{key!r}: job {spec.name} has no section {section!r}; sections: {sorted(spec.sections)}"
+                )
             if name not in spec.sections[section].field_names():
                 raise ValueError(f"{key!r}: section {section!r} of job {spec.name} has no setting {name!r}")
         else:
             owners = [s for s, cls in spec.sections.items() if name in cls.field_names()]
             if len(owners) != 1:
-                where = f"is in sections {owners}: write SECTION.{name}" if owners else f"is no setting of job {spec.name}"
+                where = (
+                    f"is in sections {owners}: write SECTION.{name}" if owners else f"is no setting of job {spec.name}"
+                )
                 raise ValueError(f"{key!r} {where}")
             section = owners[0]
         out.setdefault(section, {})[name] = value

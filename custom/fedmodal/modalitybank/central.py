@@ -37,7 +37,9 @@ def build_workers(
     workers = {}
     for name, root in sorted(site_roots.items()):
         prepared = prepare_site(name, site.with_values(data_root=str(root)), run_seed=generator.seed)
-        workers[name] = build_site_worker(prepared, site, adversary or AdversaryConfig(), registration, Path(out_dir) / name)
+        workers[name] = build_site_worker(
+            prepared, site, adversary or AdversaryConfig(), registration, Path(out_dir) / name
+        )
     return workers
 
 
@@ -66,7 +68,9 @@ def train(workers: dict[str, SiteWorker], generator: GeneratorConfig, log_every:
             split = {"generate": generated - started, "sites": answered - generated, "apply": finished - answered}
             parts.setdefault(phase, []).append(split)
         if len(timings[phase]) % log_every == 0:
-            logger.info("%s step %d: %.2f steps/s", phase, len(timings[phase]), log_every / sum(timings[phase][-log_every:]))
+            logger.info(
+                "%s step %d: %.2f steps/s", phase, len(timings[phase]), log_every / sum(timings[phase][-log_every:])
+            )
     return trainer, coordinator, timings
 
 
@@ -90,12 +94,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     roots = {Path(d).name or f"data-{i}": Path(d) for i, d in enumerate(args.data)}
     generator = GeneratorConfig(
-        mode="bank", image_size=args.image_size, ngf=args.ngf, n_blocks=args.n_blocks, source_modality=args.source,
-        pretrain_steps=args.steps, bank_steps=0, batch_size=args.batch_size, seed=args.seed,
+        mode="bank",
+        image_size=args.image_size,
+        ngf=args.ngf,
+        n_blocks=args.n_blocks,
+        source_modality=args.source,
+        pretrain_steps=args.steps,
+        bank_steps=0,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )  # bank_steps=0: the generator stays plain
     workers = build_workers(
-        roots, generator, Path(args.out) / "discriminators", slices=args.slices,
-        site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=args.ndf),
+        roots,
+        generator,
+        Path(args.out) / "discriminators",
+        slices=args.slices,
+        site=BankSiteConfig(split="all"),
+        adversary=AdversaryConfig(ndf=args.ndf),
     )
     missing = [name for name, w in workers.items() if args.source not in w.modalities]
     if missing:
@@ -103,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     trainer, _, timings = train(workers, generator)
     trainer.save(args.out)
     rate = len(timings["pretrain"]) / sum(timings["pretrain"])
-    print(f"pretrained {args.source} generator ({len(timings['pretrain'])} steps, {rate:.2f} steps/s) written to {args.out}")
-    print(f"use it with the job's controller setting server.pretrained_generator: \"{Path(args.out).resolve()}\"")
+    print(
+        f"pretrained {args.source} generator ({len(timings['pretrain'])} steps, {rate:.2f} steps/s) written to {args.out}"
+    )
+    print(f'use it with the job\'s controller setting server.pretrained_generator: "{Path(args.out).resolve()}"')
     return 0

@@ -195,7 +195,9 @@ class ModalityBankController(Controller):
             return None
         return sites
 
-    def _exchange(self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext, direct: bool):
+    def _exchange(
+        self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext, direct: bool
+    ):
         """Every site's reply data, or None after stopping the run (aborted, or a site failed)."""
         timeout = self.run_config.step_timeout
         try:

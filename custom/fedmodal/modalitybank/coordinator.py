@@ -32,7 +32,7 @@ class SiteState:
     pending_masks: torch.Tensor | None = None
 
     @staticmethod
-    def from_registration(name: str, reply: dict) -> "SiteState":
+    def from_registration(name: str, reply: dict) -> SiteState:
         masks = P.decode_masks(reply[P.MASK_CODES]) if reply.get(P.MASK_CODES) is not None else None
         shares = bool(reply[P.SHARES_MASKS])
         unknown = sorted(set(reply[P.SITE_MODALITIES]) - set(MODALITIES))
@@ -47,7 +47,9 @@ class SiteState:
             masks=masks if shares else None,
         )
         if shares and (masks is None or masks.shape[0] != state.num_samples or len(state.keys) != state.num_samples):
-            raise ValueError(f"site {name} registered {state.num_samples} samples but sent a different number of masks or keys")
+            raise ValueError(
+                f"site {name} registered {state.num_samples} samples but sent a different number of masks or keys"
+            )
         if not shares:
             state.pending_keys, state.pending_masks = list(reply[P.NEXT_KEYS]), masks
         return state
@@ -107,7 +109,9 @@ class StepCoordinator:
             if not modalities:
                 continue
             if site.shares_masks:
-                index = self.rng.choice(site.num_samples, size=config.batch_size, replace=site.num_samples < config.batch_size)
+                index = self.rng.choice(
+                    site.num_samples, size=config.batch_size, replace=site.num_samples < config.batch_size
+                )
                 keys, masks = [site.keys[i] for i in index], site.masks[torch.as_tensor(index)]
             else:
                 keys, masks = site.pending_keys, site.pending_masks
@@ -125,7 +129,9 @@ class StepCoordinator:
             fakes = {m: torch.cat([every[m][rows[n]] for n in members[m]]) for m in active if members[m]}
         else:
             fakes = {
-                m: trainer.generate({m: torch.cat([batches[n][2] for n in members[m]])})[m] for m in active if members[m]
+                m: trainer.generate({m: torch.cat([batches[n][2] for n in members[m]])})[m]
+                for m in active
+                if members[m]
             }
         self._plan = _Plan(batches, members, fakes)
         payloads = {}
@@ -173,7 +179,9 @@ class StepCoordinator:
                 grad = torch.as_tensor(np.asarray(replies[name][key]))
                 expected = tuple(self._fake_slice(modality, name).shape)
                 if tuple(grad.shape) != expected:
-                    raise ValueError(f"site {name} returned a {modality} gradient of shape {tuple(grad.shape)}, expected {expected}")
+                    raise ValueError(
+                        f"site {name} returned a {modality} gradient of shape {tuple(grad.shape)}, expected {expected}"
+                    )
                 if not torch.isfinite(grad).all():
                     raise ValueError(f"site {name} returned a non-finite {modality} gradient")
                 parts.append(grad * (self.sites[name].num_samples / total))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from fedmodal import MODALITIES
 from fedmodal.atomic import save_atomically
 from fedmodal.modalitybank.config import GeneratorConfig
 from fedmodal.nets import madafm
@@ -223,7 +222,7 @@ class GeneratorTrainer:
         logger.info("pretrained generator loaded from %s; pretraining skipped", directory)
 
     @classmethod
-    def resume(cls, directory: str | os.PathLike, config: GeneratorConfig, device="cpu") -> "GeneratorTrainer":
+    def resume(cls, directory: str | os.PathLike, config: GeneratorConfig, device="cpu") -> GeneratorTrainer:
         """Rebuild a trainer from `save` output; `config` must describe the same generator."""
         directory = Path(directory)
         saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)

@@ -73,13 +73,13 @@ class AugmentParams:
     table: np.ndarray
 
     @staticmethod
-    def draw(rng: np.random.Generator, n: int, spatial_dims: int, max_shift: int) -> "AugmentParams":
+    def draw(rng: np.random.Generator, n: int, spatial_dims: int, max_shift: int) -> AugmentParams:
         flips = rng.integers(0, 2, size=(n, 1))
         shifts = rng.integers(-max_shift, max_shift + 1, size=(n, spatial_dims))
         return AugmentParams(np.concatenate([flips, shifts], axis=1).astype(np.int16))
 
     @staticmethod
-    def identity(n: int, spatial_dims: int) -> "AugmentParams":
+    def identity(n: int, spatial_dims: int) -> AugmentParams:
         return AugmentParams(np.zeros((n, 1 + spatial_dims), dtype=np.int16))
 
 

@@ -20,7 +20,9 @@ from fedmodal.metrics import summarise, synthesis_scores
 logger = logging.getLogger(__name__)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cases, image_size: int | None, slices: str, et_label: int, batch: int = 32) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path, cases, image_size: int | None, slices: str, et_label: int, batch: int = 32
+) -> dict:
     """Per-modality synthesis scores of one checkpoint: modality -> metric -> {mean, std, n}."""
     from fedmodal.data.datasets import SynthesisSlices
     from fedmodal.modalitybank.generator_trainer import load_trained_generator

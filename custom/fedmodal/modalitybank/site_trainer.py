@@ -41,7 +41,9 @@ class SiteAdversary:
 
     def _discriminator(self, modality: str) -> torch.nn.Module:
         if modality not in self.held:
-            raise ValueError(f"asked to train a discriminator for {modality!r}, which this site does not hold {self.held}")
+            raise ValueError(
+                f"asked to train a discriminator for {modality!r}, which this site does not hold {self.held}"
+            )
         if modality not in self.discriminators:
             torch.manual_seed(self.seed + 1 + self.held.index(modality))
             net = ConditionalPatchDiscriminator(
@@ -102,9 +104,9 @@ class SiteAdversary:
             # Generator loss against this site's real images; only its gradient leaves.
             fake_leaf = fake_images.detach().requires_grad_(True)
             logits = disc(torch.cat([cond, fake_leaf], dim=1))
-            per_sample_gan = F.binary_cross_entropy_with_logits(
-                logits, torch.ones_like(logits), reduction="none"
-            ).flatten(1).mean(1)
+            per_sample_gan = (
+                F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none").flatten(1).mean(1)
+            )
             diff = (fake_leaf - real_images).abs()
             if self.config.l1_in_brain and brain is not None:
                 weight = brain.to(self.device, diff.dtype)

@@ -14,10 +14,9 @@ import torch
 
 from fedmodal.brats import MODALITIES
 from fedmodal.modalitybank import protocol as P
-from fedmodal.modalitybank.grids import mask_picture, save_grid
 from fedmodal.modalitybank.config import AdversaryConfig
+from fedmodal.modalitybank.grids import mask_picture, save_grid
 from fedmodal.modalitybank.site_trainer import SiteAdversary
-
 
 STATE_FILE = "discriminators.pt"
 
@@ -87,7 +86,10 @@ class SiteWorker:
     def _next_batch(self) -> dict:
         """For a site that keeps its masks: the batch it chose for the next step, masks included."""
         index = self.rng.choice(len(self.keys), size=self.batch_size, replace=len(self.keys) < self.batch_size)
-        return {P.NEXT_KEYS: [self.keys[i] for i in index], P.MASK_CODES: P.encode_masks(self.cond[torch.as_tensor(index)])}
+        return {
+            P.NEXT_KEYS: [self.keys[i] for i in index],
+            P.MASK_CODES: P.encode_masks(self.cond[torch.as_tensor(index)]),
+        }
 
     def _lookup(self, keys: list[str]) -> torch.Tensor:
         unknown = [k for k in keys if k not in self.index]
@@ -113,7 +115,9 @@ class SiteWorker:
         fakes = self._fakes(payload)
         for modality, fake in fakes.items():
             if tuple(fake.shape[:1]) != (len(index),) or tuple(fake.shape[2:]) != tuple(cond.shape[2:]):
-                raise ValueError(f"site {self.site_name}: {modality} fakes of shape {tuple(fake.shape)} for masks {tuple(cond.shape)}")
+                raise ValueError(
+                    f"site {self.site_name}: {modality} fakes of shape {tuple(fake.shape)} for masks {tuple(cond.shape)}"
+                )
         real = {m: images[:, MODALITIES.index(m)].unsqueeze(1) for m in fakes}
         grads, losses = self.adversary.step(
             cond, real, fakes, brain, step=int(payload[P.STEP]), total_steps=int(payload[P.PHASE_STEPS])

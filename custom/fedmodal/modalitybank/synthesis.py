@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from fedmodal.atomic import save_atomically
 from fedmodal.data.datasets import brain_crop_box, condition_map
-from fedmodal.data.loading import load_case
 from fedmodal.data.layouts import CaseFiles, synthetic_file
+from fedmodal.data.loading import load_case
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ CROP_MARGIN = 4  # the margin SynthesisSlices keeps around the brain box
 
 
 @torch.no_grad()
-def synthesize_volume(trainer, label: np.ndarray, brain: np.ndarray, modalities, batch: int = 32) -> dict[str, np.ndarray]:
+def synthesize_volume(
+    trainer, label: np.ndarray, brain: np.ndarray, modalities, batch: int = 32
+) -> dict[str, np.ndarray]:
     """Synthetic volumes (X, Y, Z) in [-1, 1] (-1 outside the brain) for a RAS label map.
 
     Args:
@@ -101,7 +103,9 @@ def synthesize_case(trainer, case: CaseFiles, modalities, out_paths: dict[str, P
 def add_synthesize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", help="a BraTS folder (site or test set) whose cases' masks drive G")
     parser.add_argument("--checkpoint", required=True, help="ModalityBank checkpoint folder (generator.pt + bank/)")
-    parser.add_argument("-o", "--out", required=True, help="output folder: <out>/<case>/<case>_<modality>_synthetic.nii.gz")
+    parser.add_argument(
+        "-o", "--out", required=True, help="output folder: <out>/<case>/<case>_<modality>_synthetic.nii.gz"
+    )
     parser.add_argument("--modalities", nargs="*", default=None, help="modalities to write (default: all G knows)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N cases")
 
@@ -145,7 +149,9 @@ def run_complete(args: argparse.Namespace) -> int:
         missing = [m for m in known if m not in case.images and (args.overwrite or m not in case.synthetic)]
         if not missing:
             continue
-        synthesize_case(trainer, case, missing, {m: synthetic_file(case, m) for m in missing}, et_label=manifest.et_label)
+        synthesize_case(
+            trainer, case, missing, {m: synthetic_file(case, m) for m in missing}, et_label=manifest.et_label
+        )
         written += len(missing)
         print(f"{case.case_id}: completed {', '.join(missing)}")
     lacking = [m for m in known if m not in manifest.modalities]

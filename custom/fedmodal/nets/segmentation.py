@@ -101,7 +101,11 @@ class SegmentationNet(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         regions = tuple(regions)
-        if not regions or any(r not in REGIONS for r in regions) or list(regions) != [r for r in REGIONS if r in regions]:
+        if (
+            not regions
+            or any(r not in REGIONS for r in regions)
+            or list(regions) != [r for r in REGIONS if r in regions]
+        ):
             raise ValueError(f"regions must be a non-empty subset of {REGIONS} in that order, got {regions}")
         if arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")

@@ -102,8 +102,9 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def build_federation(out_dir, preset: str = DEFAULT_PRESET, overwrite: bool = False, workers: int = 1,
-                     **spec_args) -> Path:
+def build_federation(
+    out_dir, preset: str = DEFAULT_PRESET, overwrite: bool = False, workers: int = 1, **spec_args
+) -> Path:
     """Build a phantom federation at ``out_dir`` and return its path.
 
     Writes ``<out_dir>/<site>/...`` BraTS-named cases (a modality a site lacks has no file), a

@@ -9,7 +9,14 @@ import numpy as np
 from fedmodal.brats import ENHANCING, LABEL_NAMES, MODALITIES, NECROSIS, OEDEMA
 from fedmodal.data.phantoms.anatomy import Anatomy
 from fedmodal.data.phantoms.fields import Lattice, sigmoid
-from fedmodal.data.phantoms.grid import DEFAULT_SHAPE, antialias_mm, grid_affine, grid_axes, sample_template, template_maps
+from fedmodal.data.phantoms.grid import (
+    DEFAULT_SHAPE,
+    antialias_mm,
+    grid_affine,
+    grid_axes,
+    sample_template,
+    template_maps,
+)
 from fedmodal.data.phantoms.scanner import ScannerProfile, scan, site_profile
 from fedmodal.data.phantoms.streams import CASE_STREAM, stream
 from fedmodal.data.phantoms.tumour import Tumour
@@ -118,6 +125,5 @@ def generate_case(
         )
         images[m] = scan(img, brain, profile, m, spacing, bias.on_grid(bias_coef[k], axes), noise_rng)
 
-    info = {**tumour.info(),
-            "voxels": {name: int((label == v).sum()) for v, name in LABEL_NAMES.items()}}
+    info = {**tumour.info(), "voxels": {name: int((label == v).sum()) for v, name in LABEL_NAMES.items()}}
     return PhantomCase(images, label, {"gm": gm, "wm": wm, "csf": csf}, brain, affine, spacing, info)

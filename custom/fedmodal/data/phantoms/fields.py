@@ -7,7 +7,7 @@ import numpy as np
 
 from fedmodal.data.phantoms.grid import BRATS_FOV_MM, FOV_CENTRE_MNI
 
-_BSPLINE_STD = 0.4794 ** 1.5  # std of a unit-coefficient cubic B-spline field in 3D
+_BSPLINE_STD = 0.4794**1.5  # std of a unit-coefficient cubic B-spline field in 3D
 
 
 def _bspline(t: np.ndarray) -> np.ndarray:

@@ -31,9 +31,7 @@ def grid_affine(shape=DEFAULT_SHAPE, fov_mm=BRATS_FOV_MM) -> tuple[np.ndarray, t
 
 
 def grid_axes(affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(
-        (affine[a, 3] + affine[a, a] * np.arange(shape[a])).astype(np.float32) for a in range(3)
-    )
+    return tuple((affine[a, 3] + affine[a, a] * np.arange(shape[a])).astype(np.float32) for a in range(3))
 
 
 @dataclass

@@ -51,8 +51,15 @@ def site_profile(seed: int, site: str) -> ScannerProfile:
     return ScannerProfile(gamma, scale, bias, noise, blur, tuple(round(float(p), 4) for p in mix))
 
 
-def scan(img: np.ndarray, brain: np.ndarray, profile: ScannerProfile, modality: str, spacing,
-          bias_field: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def scan(
+    img: np.ndarray,
+    brain: np.ndarray,
+    profile: ScannerProfile,
+    modality: str,
+    spacing,
+    bias_field: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Contrast curve, blur, bias field, Rician noise, scale, skull-strip: int16 like BraTS."""
     img = np.maximum(img, 0.0) ** np.float32(profile.gamma[modality]) * brain
     if profile.blur_mm > 0:

@@ -23,8 +23,7 @@ class Tumour:
 
     NOISE_CLIP = 2.0  # outline noise is clipped to +-2 std, so the tumour's extent is bounded
 
-    def __init__(self, rng: np.random.Generator, profile: ScannerProfile, spacing, anatomy: Anatomy,
-                 tpl: Template):
+    def __init__(self, rng: np.random.Generator, profile: ScannerProfile, spacing, anatomy: Anatomy, tpl: Template):
         mix = np.asarray(profile.tumour_mix) / sum(profile.tumour_mix)
         self.size = str(rng.choice(list(TUMOUR_SIZES_MM), p=mix))
         self.radius = float(rng.uniform(*TUMOUR_SIZES_MM[self.size]))
@@ -84,8 +83,9 @@ class Tumour:
         rho_oed = outline(self.oedema_lattice, self.oedema_coef[0], 0.18) / np.float32(self.reach)
         core = sigmoid((1.0 - rho_core) / edge)
         rim_limit = np.float32(1.0 - self.rim_mm / self.radius)
-        nec = np.minimum(sigmoid((1.0 - rho_nec) / (edge / np.float32(self.necrosis))),
-                         sigmoid((rim_limit - rho_core) / edge))
+        nec = np.minimum(
+            sigmoid((1.0 - rho_nec) / (edge / np.float32(self.necrosis))), sigmoid((rim_limit - rho_core) / edge)
+        )
         # Oedema spreads along white matter, fades across the midline, stays out of CSF, and
         # always rims the core by a few mm of infiltrated brain on the tumour's side.
         limit = (0.65 + 0.5 * wm) * (0.4 + 0.6 * own_side)

@@ -37,13 +37,21 @@ def _plan(spec: dict) -> list[dict]:
     jobs, number = [], 1
     for site in sites:
         for i in range(spec["cases_per_site"][site]):
-            jobs.append({"folder": site, "index": i, "profile": site, "number": number,
-                         "modalities": preset.sites[site]})
+            jobs.append(
+                {"folder": site, "index": i, "profile": site, "number": number, "modalities": preset.sites[site]}
+            )
             number += 1
     for i in range(spec["test_cases"]):
         # Test cases are new patients scanned at the training sites, in turn.
-        jobs.append({"folder": TEST_SITE, "index": i, "profile": sites[i % len(sites)],
-                     "number": number, "modalities": MODALITIES})
+        jobs.append(
+            {
+                "folder": TEST_SITE,
+                "index": i,
+                "profile": sites[i % len(sites)],
+                "number": number,
+                "modalities": MODALITIES,
+            }
+        )
         number += 1
     for job in jobs:
         job["case_id"] = make_case_id(spec["layout"], job["number"], institution=_institution(job["folder"]))
@@ -148,8 +156,11 @@ def build_into(folder: Path, spec: dict, workers: int) -> dict:
         "sites": sites,
         "test": test,
         "tumours": records,
-        "build": {"seconds": round(time.perf_counter() - start, 2), "bytes": _folder_bytes(folder),
-                  "id": uuid.uuid4().hex},
+        "build": {
+            "seconds": round(time.perf_counter() - start, 2),
+            "bytes": _folder_bytes(folder),
+            "id": uuid.uuid4().hex,
+        },
     }
     # federation.json last: its presence marks a complete build.
     (folder / FEDERATION_FILE).write_text(json.dumps(info, indent=1))

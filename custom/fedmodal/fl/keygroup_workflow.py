@@ -1,0 +1,268 @@
+"""A federated round loop whose model is split into key groups, for methods with per-modality parts.
+
+Server (`KeyGroupWorkflow`): register the sites (each says which modalities it holds and how
+many samples), then per round send each site exactly the groups its modalities allow plus the
+method's extra state (e.g. a prototype memory, anchors), average each group over its senders
+(`fedmodal.fl.keygroups`), let the method absorb the sites' extras in site order, checkpoint;
+at the end every site scores its own personalised model on its test split and the server
+writes the per-site table. Site (`KeyGroupExecutor`): the same three tasks, with the method's
+work behind `setup`, `train_round` and `evaluate`.
+
+What crosses the wire, and only this: the method's site config (server -> site, once), the
+key groups a site may hold, extra arrays under the method's extra prefixes (counted in the
+payload audit like any parameter), sample counts and scalar metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from fedmodal.atomic import save_atomically, write_json_atomically
+from fedmodal.fl.keygroups import META_MODALITIES, META_NUM_SAMPLES, KeyGroupAggregator, KeyGroups
+
+logger = logging.getLogger(__name__)
+
+TASK_REGISTER = "kg_register"
+TASK_TRAIN = "train"
+TASK_EVALUATE = "kg_evaluate"
+TASKS = (TASK_REGISTER, TASK_TRAIN, TASK_EVALUATE)
+META_CONFIG = "fedmodal.config"  # the method's site config, server -> site at registration
+META_ROUND = "fedmodal.round"
+META_METRICS = "fedmodal.metrics"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class SiteFailure(RuntimeError):
+    """A site did not answer a task, or answered with an error."""
+
+
+class KeyGroupWorkflow(ModelController):
+    """The server's round loop; a method subclasses it and fills in the hooks.
+
+    Hooks: `initial_params()` (the global model's keys, numpy), `site_config()` (what the sites
+    build their trainer from), `extras_for(site)` and `absorb(site, extras)` (the method's extra
+    state), `after_aggregation(round)`, `state_dict()` / `load_state_dict()` (kept with the
+    checkpoint), `groups` and `extra_prefixes`.
+
+    Args:
+        num_rounds: federated rounds.
+        task_timeout: seconds a site gets for one task (0: no limit).
+        min_sites: sites that must register.
+        over_holders_only: average per-modality groups over their holders only (False: the
+            "no tailored updating" ablation).
+        resume_from: a checkpoint file of an earlier run (params, round, method state).
+        output_dir: folder name under the run directory for checkpoints and tables.
+    """
+
+    groups = KeyGroups()
+    extra_prefixes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        num_rounds: int = 10,
+        task_timeout: int = 3600,
+        min_sites: int = 2,
+        over_holders_only: bool = True,
+        resume_from: str = "",
+        output_dir: str = "keygroups",
+    ):
+        super().__init__(persistor_id="")
+        self.num_rounds = int(num_rounds)
+        self.task_timeout = int(task_timeout)
+        self.min_sites = int(min_sites)
+        self.over_holders_only = bool(over_holders_only)
+        self.resume_from = resume_from
+        self.output_dir = output_dir
+        self.sites: dict[str, dict] = {}  # name -> {"modalities": [...], "num_samples": n}
+        self.global_params: dict[str, np.ndarray] = {}
+        self.out: Path | None = None
+
+    # ------------------------------------------------------------------ hooks
+    @abstractmethod
+    def initial_params(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def site_config(self) -> dict: ...
+
+    def extras_for(self, site: str) -> dict[str, np.ndarray]:
+        return {}
+
+    def absorb(self, site: str, extras: dict[str, np.ndarray]) -> None:
+        """Take one site's extras (called in site order after each round)."""
+
+    def after_aggregation(self, round_num: int) -> None:
+        """Server-side work once the round's groups are averaged (e.g. training on server data)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        self.out = Path(self.get_run_dir()) / self.output_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            start = self._start()
+            self._register()
+            for round_num in range(start, self.num_rounds):
+                if self.abort_signal.triggered:
+                    return
+                self._round(round_num)
+            self._evaluate()
+        except SiteFailure as e:
+            self.panic(str(e))
+
+    def _start(self) -> int:
+        if not self.resume_from:
+            self.global_params = self.initial_params()
+            return 0
+        saved = torch.load(self.resume_from, map_location="cpu", weights_only=False)
+        self.global_params = dict(saved["params"])
+        self.load_state_dict(saved.get("state", {}))
+        self.info(f"resumed from {self.resume_from} at round {saved['round']}")
+        return int(saved["round"])
+
+    def _register(self) -> None:
+        names = self.sample_clients()
+        if len(names) < self.min_sites:
+            raise SiteFailure(f"{len(names)} sites connected ({names}); {self.min_sites} required")
+        config = self.site_config()
+        replies = self._ask(TASK_REGISTER, {n: FLModel(params={}, meta={META_CONFIG: config}) for n in names})
+        for name, reply in sorted(replies.items()):
+            meta = reply.meta or {}
+            self.sites[name] = {"modalities": list(meta[META_MODALITIES]), "num_samples": int(meta[META_NUM_SAMPLES])}
+            self.info(
+                f"site {name}: modalities {self.sites[name]['modalities']}, {self.sites[name]['num_samples']} samples"
+            )
+
+    def payload(self, site: str, task_meta: dict) -> FLModel:
+        held = self.sites[site]["modalities"]
+        params = self.groups.select(self.global_params, held, self.over_holders_only)
+        return FLModel(params={**params, **self.extras_for(site)}, params_type=ParamsType.FULL, meta=task_meta)
+
+    def _round(self, round_num: int) -> None:
+        started = time.perf_counter()
+        meta = {META_ROUND: round_num}
+        replies = self._ask(TASK_TRAIN, {s: self.payload(s, meta) for s in self.sites})
+        aggregator = KeyGroupAggregator(self.groups.per_modality, self.groups.shared, self.over_holders_only)
+        metrics = {}
+        for site, reply in sorted(replies.items()):
+            model_part = {k: v for k, v in reply.params.items() if not k.startswith(self.extra_prefixes or ("\0",))}
+            extras = {k: v for k, v in reply.params.items() if k not in model_part}
+            aggregator.accept_model(FLModel(params=model_part, meta={**reply.meta, "client_name": site}))
+            self.absorb(site, extras)
+            metrics[site] = (reply.meta or {}).get(META_METRICS, {})
+        self.global_params.update(aggregator.aggregate_model().params)
+        self.after_aggregation(round_num)
+        checkpoint = {"round": round_num + 1, "params": self.global_params, "state": self.state_dict()}
+        save_atomically(self.out / CHECKPOINT_FILE, lambda path: torch.save(checkpoint, path))
+        record = {
+            "round": round_num + 1,
+            "of": self.num_rounds,
+            "seconds": round(time.perf_counter() - started, 2),
+            "sites": metrics,
+        }
+        self.info("round " + json.dumps(record, default=float))
+
+    def _evaluate(self) -> None:
+        replies = self._ask(TASK_EVALUATE, {s: self.payload(s, {}) for s in self.sites})
+        results = {site: (reply.meta or {}).get(META_METRICS, {}) for site, reply in sorted(replies.items())}
+        write_json_atomically(self.out / "per_site.json", {"sites": self.sites, "results": results})
+        self.info(f"per-site results written to {self.out / 'per_site.json'}")
+
+    def _ask(self, task_name: str, payloads: dict[str, FLModel]) -> dict[str, FLModel]:
+        """Send each site its own payload and wait for all of them (sites sorted by name)."""
+        replies: dict[str, FLModel] = {}
+        lock = threading.Lock()
+
+        def received(result: FLModel) -> None:
+            with lock:
+                replies[str((result.meta or {}).get("client_name", "?"))] = result
+
+        for site, model in payloads.items():
+            self.send_model(
+                task_name=task_name, data=model, targets=[site], timeout=self.task_timeout, callback=received
+            )
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                raise SiteFailure(f"the run was aborted during {task_name}")
+            time.sleep(self._task_check_period)
+        missing = sorted(set(payloads) - set(replies))
+        if missing:
+            raise SiteFailure(f"sites {missing} sent no {task_name} result within {self.task_timeout}s; see their logs")
+        return replies
+
+
+class KeyGroupExecutor(Executor):
+    """A site of a `KeyGroupWorkflow`; a method subclasses it.
+
+    Hooks: `setup(config, fl_ctx) -> (modalities, num_samples)` builds the site's trainer from
+    the server's config; `train_round(params, round, fl_ctx) -> (params, metrics)` trains on the
+    received groups and returns what the site may send (its groups and extras);
+    `evaluate(params, fl_ctx) -> metrics` scores the site's own model on its test split.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.modalities: tuple[str, ...] | None = None
+        self.num_samples = 0
+
+    @abstractmethod
+    def setup(self, config: dict, fl_ctx: FLContext) -> tuple[tuple[str, ...], int]: ...
+
+    @abstractmethod
+    def train_round(self, params: dict, round_num: int, fl_ctx: FLContext) -> tuple[dict, dict]: ...
+
+    @abstractmethod
+    def evaluate(self, params: dict, fl_ctx: FLContext) -> dict: ...
+
+    def run_dir(self, fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.END_RUN:
+            self.modalities = None
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        try:
+            incoming = FLModelUtils.from_shareable(shareable)
+            meta: dict[str, Any] = {}
+            params: dict = {}
+            if task_name == TASK_REGISTER:
+                self.modalities, self.num_samples = self.setup(dict(incoming.meta[META_CONFIG]), fl_ctx)
+            elif self.modalities is None:
+                raise RuntimeError(f"site {site}: {task_name} before registration (was the site process restarted?)")
+            elif task_name == TASK_TRAIN:
+                params, meta[META_METRICS] = self.train_round(
+                    dict(incoming.params or {}), int(incoming.meta[META_ROUND]), fl_ctx
+                )
+            elif task_name == TASK_EVALUATE:
+                meta[META_METRICS] = self.evaluate(dict(incoming.params or {}), fl_ctx)
+            else:
+                return make_reply(ReturnCode.TASK_UNKNOWN)
+            meta.update({META_MODALITIES: list(self.modalities), META_NUM_SAMPLES: self.num_samples})
+            return FLModelUtils.to_shareable(FLModel(params=params, params_type=ParamsType.FULL, meta=meta))
+        except Exception as e:  # the server stops the run naming this site; the trace is in this log
+            self.log_exception(fl_ctx, f"site {site}: {task_name} failed: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
