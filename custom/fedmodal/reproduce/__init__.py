@@ -1,0 +1,1 @@
+"""Reproductions of the papers' tables: resumable stages, each command recorded."""

@@ -1,0 +1,58 @@
+"""fedmodal.reproduce.runner: stages run once, a rerun skips what is done, commands are kept."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from fedmodal.reproduce.runner import COMMANDS_FILE, DONE_FILE, Reproduction, Stage, write_table
+
+
+def test_a_finished_stage_is_not_redone_and_an_interrupted_one_continues(tmp_path, capsys):
+    calls = []
+
+    def first(folder, rep):
+        calls.append("first")
+        rep.command([sys.executable, "-c", "print('hello')"], cwd=folder, log=folder / "log.txt")
+        return {"value": 1}
+
+    def second(folder, rep):
+        calls.append("second")
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return {"value": 2}
+
+    stages = [Stage("first", first, estimate_s=5), Stage("second", second, estimate_s=7)]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        Reproduction(tmp_path, stages, env={"FEDMODAL_DATA_ROOT": "/data"}).run()
+    assert (tmp_path / "first" / DONE_FILE).is_file() and not (tmp_path / "second" / DONE_FILE).exists()
+    results = Reproduction(tmp_path, stages).run()
+    assert calls == ["first", "second", "second"]  # the first stage ran once
+    assert results["first"]["value"] == 1 and results["second"]["value"] == 2
+    assert "already done, skipped" in capsys.readouterr().out
+    commands = (tmp_path / COMMANDS_FILE).read_text().splitlines()
+    assert (
+        len(commands) == 1
+        and "FEDMODAL_DATA_ROOT=/data" in commands[0]
+        and "-c" in commands[0]
+        and "hello" in commands[0]
+    )
+    assert (tmp_path / "first" / "log.txt").read_text().strip() == "hello"
+
+
+def test_a_failing_command_names_its_log(tmp_path):
+    def fails(folder, rep):
+        rep.command(
+            [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], cwd=folder, log=folder / "log.txt"
+        )
+        return {}
+
+    with pytest.raises(RuntimeError, match=r"exit 3\), log .*log.txt:\nboom"):
+        Reproduction(tmp_path, [Stage("fails", fails)]).run()
+
+
+def test_tables_are_markdown_and_csv(tmp_path):
+    write_table(tmp_path / "t.md", ["method", "Dice"], [["FedAvg", 50.1], ["MixMFL", 58.6]])
+    assert (tmp_path / "t.md").read_text().splitlines()[2] == "| FedAvg | 50.1 |"
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["method,Dice", "FedAvg,50.1", "MixMFL,58.6"]
