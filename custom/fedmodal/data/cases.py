@@ -7,6 +7,7 @@ the site, case and file.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ from fedmodal.data.layouts import CaseFiles
 
 # Affines of co-registered BraTS volumes are identical; allow float noise from resaving.
 AFFINE_TOLERANCE = 1e-3
+# A BraTS volume is 240x240x155 voxels (36 MB as float32); a header declaring more than this is
+# refused before any voxel is read, so a damaged header cannot make a site allocate it.
+MAX_VOLUME_BYTES = 2 * 1024**3
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
@@ -47,22 +51,32 @@ class CaseVolumes:
         return tuple(first.shape) if first is not None else ()
 
 
-def read_volume(path: str | Path, site: str | None, case_id: str | None) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(
+    path: str | Path, site: str | None, case_id: str | None, verify_gzip: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI fully, as stored: (array, affine).
 
-    Reads every voxel, so a truncated ``.gz`` fails here rather than later.
+    Reads every voxel, so a ``.gz`` truncated inside its voxels fails here rather than later.
 
     Args:
         path: the NIfTI file.
         site: the site's name, for the error.
         case_id: the case's id, for the error.
+        verify_gzip: also read a ``.gz`` stream to its end, so a damaged trailer (checksum,
+            length: a transfer cut short after the last voxel) is refused too. The checks of a
+            site's data do; reads for training after them need not.
 
     Raises:
         DataError: unreadable, or not a 3D volume (a trailing axis of 1 is dropped).
     """
     try:
         image = nib.load(str(path))
+        _check_header(image, path, site, case_id)
         data = np.asanyarray(image.dataobj)
+        if verify_gzip and str(path).endswith(".gz"):
+            _read_gzip_to_end(path)
+    except DataError:
+        raise
     except Exception as error:  # nibabel raises many types (EOFError, zlib.error, ImageFileError...)
         raise DataError(site, case_id, path, f"unreadable NIfTI ({type(error).__name__}: {error})") from error
     if data.ndim == 4 and data.shape[-1] == 1:
@@ -70,6 +84,26 @@ def read_volume(path: str | Path, site: str | None, case_id: str | None) -> tupl
     if data.ndim != 3:
         raise DataError(site, case_id, path, f"expected a 3D volume, got shape {tuple(data.shape)}")
     return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _read_gzip_to_end(path: str | Path, chunk: int = 1 << 20) -> None:
+    """Decompress to the end: gzip checks its CRC and length only there."""
+    with gzip.open(path, "rb") as stream:
+        while stream.read(chunk):
+            pass
+
+
+def _check_header(image, path: str | Path, site: str | None, case_id: str | None) -> None:
+    """What the header declares must be readable before a voxel is: size, spacing, affine."""
+    shape = tuple(int(n) for n in image.shape)
+    nbytes = int(np.prod(shape, dtype=np.float64) * np.dtype(image.get_data_dtype()).itemsize)
+    if any(n <= 0 for n in shape) or nbytes > MAX_VOLUME_BYTES:
+        raise DataError(site, case_id, path, f"header declares a {shape} volume ({nbytes} bytes): damaged header?")
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise DataError(site, case_id, path, f"voxel spacing {tuple(zooms.tolist())} is not positive and finite")
+    if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-9:
+        raise DataError(site, case_id, path, "the header's affine is singular or not finite")
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +128,7 @@ def iter_case_files(
     site: str | None = None,
     modalities: Sequence[str] | None = None,
     with_seg: bool = True,
+    verify_gzip: bool = False,
 ) -> Iterator[tuple[str, Path, np.ndarray, np.ndarray]]:
     """Read a case's files one by one, each checked against the first: (token, path, array, affine).
 
@@ -104,6 +139,7 @@ def iter_case_files(
         site: the site's name, for errors.
         modalities: the modalities to read, of those the case holds (default: all).
         with_seg: also read the seg when the case has one.
+        verify_gzip: check each ``.gz`` stream to its end (see `read_volume`).
 
     Raises:
         DataError: an unreadable file, or a shape or affine unlike the first file's.
@@ -113,7 +149,7 @@ def iter_case_files(
         files.append(("seg", case.seg))
     reference: tuple[str, tuple[int, ...], np.ndarray] | None = None
     for token, path in files:
-        data, affine = read_volume(path, site, case.case_id)
+        data, affine = read_volume(path, site, case.case_id, verify_gzip)
         if reference is None:
             reference = (token, data.shape, affine)
         else:

@@ -46,7 +46,7 @@ def check_case(
     if need_seg and case.seg is None:
         raise DataError(site, case_id, case.folder, "no segmentation file (*_seg.nii[.gz]) but one is needed")
 
-    for token, path, data, _affine in iter_case_files(case, site, modalities):
+    for token, path, data, _affine in iter_case_files(case, site, modalities, verify_gzip=True):
         if np.issubdtype(data.dtype, np.floating):
             finite = np.isfinite(data)
             if not finite.all():
