@@ -160,7 +160,11 @@ def test_zero_pseudo_feature_equals_an_empty_slot_and_a_real_one_changes_the_out
 
 def test_classification_loss_labels_follow_the_modality_order():
     big = 20.0
-    right = {m: torch.nn.functional.one_hot(torch.tensor([k, k]), 4).float() * big for k, m in enumerate(MODALITIES) if m in ("t1", "t2")}
+    right = {
+        m: torch.nn.functional.one_hot(torch.tensor([k, k]), 4).float() * big
+        for k, m in enumerate(MODALITIES)
+        if m in ("t1", "t2")
+    }
     wrong = {m: torch.roll(v, 1, dims=1) for m, v in right.items()}
     assert modality_classification_loss(right, right, MODALITIES) < 1e-6
     assert modality_classification_loss(wrong, right, MODALITIES) > 5.0

@@ -82,7 +82,11 @@ def test_config_defaults_switches_and_refusals():
     assert MixMFLConfig(use_triplet=False, use_classification=False).loss_weights == (0.0, 0.0)
     assert MixMFLConfig.from_dict(cfg.to_dict()) == cfg
     loader = cfg.loader_config()
-    assert (loader.patch_size, loader.batch_size, loader.samples_per_case) == (cfg.patch_size, cfg.batch_size, cfg.samples_per_case)
+    assert (loader.patch_size, loader.batch_size, loader.samples_per_case) == (
+        cfg.patch_size,
+        cfg.batch_size,
+        cfg.samples_per_case,
+    )
     assert MixMFLConfig(spatial_dims=3).patch_size == (48, 48, 32)
     with pytest.raises(ValueError, match="unknown mixmfl settings"):
         MixMFLConfig.from_dict({"lambda1": 0.5})
@@ -96,7 +100,15 @@ def test_config_defaults_switches_and_refusals():
 
 
 def tiny_config(**overrides) -> MixMFLConfig:
-    values = dict(features=(4, 8, 16), patch_size=(32, 32), batch_size=4, samples_per_case=2, kmeans_k=2, min_cluster_size=3, lr=1e-3)
+    values = dict(
+        features=(4, 8, 16),
+        patch_size=(32, 32),
+        batch_size=4,
+        samples_per_case=2,
+        kmeans_k=2,
+        min_cluster_size=3,
+        lr=1e-3,
+    )
     return MixMFLConfig(**{**values, **overrides})
 
 
@@ -104,7 +116,9 @@ def tiny_config(**overrides) -> MixMFLConfig:
 def federation(tmp_path_factory) -> Path:
     from fedmodal.data.phantoms import build_federation
 
-    return build_federation(tmp_path_factory.mktemp("mixmfl") / "fed", preset="mixmfl", shape=(32, 32, 24), cases_per_site=3, test_cases=1)
+    return build_federation(
+        tmp_path_factory.mktemp("mixmfl") / "fed", preset="mixmfl", shape=(32, 32, 24), cases_per_site=3, test_cases=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +150,13 @@ def test_train_epoch_and_prototypes_of_exactly_the_held_modalities(site):
 
 def test_memory_fills_missing_modalities_unless_switched_off(site):
     memory = PrototypeMemory(modalities=("t1", "t1ce", "t2", "flair"))
-    memory.update({"t2": np.ones((3, 16), np.float32), "flair": -np.ones((2, 16), np.float32), "t1": np.zeros((1, 16), np.float32)})
+    memory.update(
+        {
+            "t2": np.ones((3, 16), np.float32),
+            "flair": -np.ones((2, 16), np.float32),
+            "t1": np.zeros((1, 16), np.float32),
+        }
+    )
     for use_memory, expected in ((True, 2), (False, 0)):
         cfg = tiny_config(use_memory=use_memory, use_classification=False)
         trainer = MixMFLTrainer(cfg, site.modalities)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from fedmodal.jobs.fedavg import FEDAVG
 from fedmodal.jobs.inventory import SITE_INVENTORY
+from fedmodal.jobs.mixmfl import MIXMFL
 from fedmodal.jobs.modalitybank import MODALITYBANK, MODALITYBANK_ASYNDGAN
 from fedmodal.jobs.spec import JobSpec, export_job, parse_overrides
 
-JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (MODALITYBANK, MODALITYBANK_ASYNDGAN, FEDAVG, SITE_INVENTORY)}
+JOBS: dict[str, JobSpec] = {
+    spec.name: spec for spec in (MODALITYBANK, MODALITYBANK_ASYNDGAN, FEDAVG, MIXMFL, SITE_INVENTORY)
+}
 
 __all__ = ["JOBS", "JobSpec", "export_job", "parse_overrides"]

@@ -112,7 +112,9 @@ class MixMFLConfig(Settings):
         self.regions = tuple(str(r).upper() for r in self.regions)
         divisor = 2 ** (len(self.features) - 1)
         if len(self.patch_size) != self.spatial_dims or any(s % divisor for s in self.patch_size):
-            raise ValueError(f"patch_size {self.patch_size} must have {self.spatial_dims} sizes, each a multiple of {divisor}")
+            raise ValueError(
+                f"patch_size {self.patch_size} must have {self.spatial_dims} sizes, each a multiple of {divisor}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.samples_per_case >= self.min_cluster_size:

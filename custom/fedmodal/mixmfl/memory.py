@@ -47,7 +47,9 @@ class PrototypeMemory:
             return
         queue = self._queues[modality]
         if queue is not None and queue.shape[1] != centres.shape[1]:
-            raise ValueError(f"centres for {modality} have {centres.shape[1]} channels, the queue holds {queue.shape[1]}")
+            raise ValueError(
+                f"centres for {modality} have {centres.shape[1]} channels, the queue holds {queue.shape[1]}"
+            )
         joined = centres if queue is None else np.concatenate([queue, centres])
         self._queues[modality] = joined[-self.capacity :].copy()
 
@@ -98,7 +100,9 @@ class PrototypeMemory:
         return f"PrototypeMemory(capacity={self.capacity}, {sizes})"
 
 
-def cluster_prototypes(features: np.ndarray, k: int, min_cluster_size: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def cluster_prototypes(
+    features: np.ndarray, k: int, min_cluster_size: int = 5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """k-means centres of per-sample feature vectors, keeping only clusters of enough samples.
 
     scikit-learn's `KMeans` (10 initialisations, `random_state=seed`) runs with

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from fedmodal import MODALITIES
+from fedmodal.atomic import save_atomically
 from fedmodal.baselines.data import region_targets, regions_to_label
 from fedmodal.baselines.trainer import build_loss
 from fedmodal.metrics import segmentation_scores
@@ -46,10 +46,14 @@ class MixMFLTrainer:
         seed: seeds the initial weights and the k-means.
     """
 
-    def __init__(self, config: MixMFLConfig, held_modalities: Sequence[str], device: torch.device | str = "cpu", seed: int = 0) -> None:
+    def __init__(
+        self, config: MixMFLConfig, held_modalities: Sequence[str], device: torch.device | str = "cpu", seed: int = 0
+    ) -> None:
         unknown = [m for m in held_modalities if m not in MODALITIES]
         if unknown or not held_modalities:
-            raise ValueError(f"held_modalities must be a non-empty subset of {MODALITIES}, got {tuple(held_modalities)}")
+            raise ValueError(
+                f"held_modalities must be a non-empty subset of {MODALITIES}, got {tuple(held_modalities)}"
+            )
         self.cfg = config
         self.held = tuple(m for m in MODALITIES if m in held_modalities)
         self.device = torch.device(device)
@@ -57,7 +61,9 @@ class MixMFLTrainer:
         torch.manual_seed(seed)
         self.net = MixMFLNet(**config.net_args()).to(self.device)
         lambda_cls, lambda_triplet = config.loss_weights
-        self.loss_fn = MixMFLLoss(build_loss("dicece"), self.net.modalities, lambda_cls, lambda_triplet, config.triplet_margin)
+        self.loss_fn = MixMFLLoss(
+            build_loss("dicece"), self.net.modalities, lambda_cls, lambda_triplet, config.triplet_margin
+        )
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.epochs_done = 0
         self._vectors: dict[str, np.ndarray] = {}
@@ -97,7 +103,9 @@ class MixMFLTrainer:
         own = self.net.state_dict()
         unknown = sorted(set(params) - set(own))
         if unknown:
-            raise ValueError(f"received weights name keys this MixMFLNet {self.net.config()} does not have: {unknown[:5]}")
+            raise ValueError(
+                f"received weights name keys this MixMFLNet {self.net.config()} does not have: {unknown[:5]}"
+            )
         loaded, skipped = {}, []
         for key, value in params.items():
             if key_group(key) not in allowed:
@@ -122,7 +130,11 @@ class MixMFLTrainer:
     def _memory_tensors(self, memory: PrototypeMemory | None) -> dict[str, torch.Tensor | None]:
         if memory is None or not self.cfg.use_memory:
             return {}
-        return {m: (p.to(self.device) if p is not None else None) for m, p in memory.as_tensors().items() if m not in self.held}
+        return {
+            m: (p.to(self.device) if p is not None else None)
+            for m, p in memory.as_tensors().items()
+            if m not in self.held
+        }
 
     def _check_batch(self, avail: torch.Tensor) -> None:
         held = torch.tensor([m in self.held for m in MODALITIES])
@@ -131,7 +143,9 @@ class MixMFLTrainer:
             names = [m for m, bad in zip(MODALITIES, lacking.tolist()) if bad]
             raise ValueError(f"a training sample lacks {names}, which this site is set to hold ({self.held})")
 
-    def train_epoch(self, loader: Iterable[Mapping[str, Any]], memory: PrototypeMemory | None = None) -> dict[str, float]:
+    def train_epoch(
+        self, loader: Iterable[Mapping[str, Any]], memory: PrototypeMemory | None = None
+    ) -> dict[str, float]:
         """One pass over `loader`; keeps the epoch's per-sample pooled tailored vectors for `prototypes`.
 
         Args:
@@ -170,7 +184,13 @@ class MixMFLTrainer:
         self._vectors = {m: torch.cat(v).numpy() for m, v in vectors.items() if v}
         self.epochs_done += 1
         stats = {name: float(torch.stack(v).mean()) if v else math.nan for name, v in sums.items()}
-        return {**stats, "steps": len(sums["loss"]), "samples": samples, "retrieved": retrieved, "seconds": time.time() - start}
+        return {
+            **stats,
+            "steps": len(sums["loss"]),
+            "samples": samples,
+            "retrieved": retrieved,
+            "seconds": time.time() - start,
+        }
 
     def epoch_vectors(self) -> dict[str, np.ndarray]:
         """Held modality -> the last epoch's per-sample pooled tailored vectors (N, C). Stays at the site."""
@@ -200,7 +220,9 @@ class MixMFLTrainer:
         return self.net.decode(encoded, pseudo, decoupler=False).logits
 
     @torch.no_grad()
-    def predict(self, image: torch.Tensor, brain: torch.Tensor | None = None, memory: PrototypeMemory | None = None) -> np.ndarray:
+    def predict(
+        self, image: torch.Tensor, brain: torch.Tensor | None = None, memory: PrototypeMemory | None = None
+    ) -> np.ndarray:
         """Canonical label map (X, Y, Z) of one volume, from the held modalities only.
 
         2D networks see every axial slice, 3D ones a sliding window of the patch size; windows
@@ -222,7 +244,12 @@ class MixMFLTrainer:
         with self._autocast():
             if self.cfg.spatial_dims == 2:
                 logits = sliding_window_inference(
-                    x.permute(3, 0, 1, 2), roi, self.cfg.sw_batch_size, predictor, overlap=self.cfg.sw_overlap, mode="gaussian"
+                    x.permute(3, 0, 1, 2),
+                    roi,
+                    self.cfg.sw_batch_size,
+                    predictor,
+                    overlap=self.cfg.sw_overlap,
+                    mode="gaussian",
                 ).permute(1, 2, 3, 0)
             else:
                 logits = sliding_window_inference(
@@ -233,7 +260,9 @@ class MixMFLTrainer:
             masks &= brain.to(masks.device).bool()[None]
         return regions_to_label(masks, self.cfg.regions)
 
-    def score(self, volumes: Sequence[Mapping[str, Any]], memory: PrototypeMemory | None = None) -> list[dict[str, Any]]:
+    def score(
+        self, volumes: Sequence[Mapping[str, Any]], memory: PrototypeMemory | None = None
+    ) -> list[dict[str, Any]]:
         """Per-case BraTS scores (Dice, sensitivity, specificity, HD95 per region) of the personalised model.
 
         Args:
@@ -252,7 +281,9 @@ class MixMFLTrainer:
             if lacking:
                 raise ValueError(f"case {volume['case_id']} lacks {lacking}, which this site's model reads")
             pred = self.predict(volume["image"], volume["brain"], memory)
-            scores = segmentation_scores(pred, volume["label"].numpy(), volume["spacing"], et_label=3, regions=self.cfg.regions)
+            scores = segmentation_scores(
+                pred, volume["label"].numpy(), volume["spacing"], et_label=3, regions=self.cfg.regions
+            )
             results.append({"case_id": volume["case_id"], "scores": scores, "seconds": time.time() - start})
         return results
 
@@ -271,12 +302,7 @@ class MixMFLTrainer:
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "meta": dict(meta or {}),
         }
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(payload, temp)
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        save_atomically(path, lambda tmp: torch.save(payload, tmp))
         return path
 
     def load(self, path: str | Path) -> dict[str, Any]:

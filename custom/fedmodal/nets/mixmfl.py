@@ -46,7 +46,9 @@ def key_group(name: str) -> str:
         return f"enc.{parts[1]}"
     if parts[0] in ("fuse", "cls", "dec") and len(parts) > 1:
         return parts[0]
-    raise ValueError(f"parameter key {name!r} belongs to no MixMFL group (enc.<modality>., {', '.join(SHARED_PREFIXES)})")
+    raise ValueError(
+        f"parameter key {name!r} belongs to no MixMFL group (enc.<modality>., {', '.join(SHARED_PREFIXES)})"
+    )
 
 
 class GradientReversal(torch.autograd.Function):
@@ -104,12 +106,17 @@ class Decoder(nn.Module):
     def __init__(self, spatial_dims: int, features: Sequence[int], out_channels: int, slots: int) -> None:
         super().__init__()
         width = slots + 1
-        self.bottom = UnetBasicBlock(spatial_dims, width * features[-1], features[-1], kernel_size=3, stride=1, norm_name=NORM)
+        self.bottom = UnetBasicBlock(
+            spatial_dims, width * features[-1], features[-1], kernel_size=3, stride=1, norm_name=NORM
+        )
         self.up = nn.ModuleList(
-            UpSample(spatial_dims, features[k + 1], features[k], scale_factor=2, mode="deconv") for k in range(len(features) - 1)
+            UpSample(spatial_dims, features[k + 1], features[k], scale_factor=2, mode="deconv")
+            for k in range(len(features) - 1)
         )
         self.blocks = nn.ModuleList(
-            UnetBasicBlock(spatial_dims, (width + 1) * features[k], features[k], kernel_size=3, stride=1, norm_name=NORM)
+            UnetBasicBlock(
+                spatial_dims, (width + 1) * features[k], features[k], kernel_size=3, stride=1, norm_name=NORM
+            )
             for k in range(len(features) - 1)
         )
         self.head = Convolution(spatial_dims, features[0], out_channels, kernel_size=1, conv_only=True)
@@ -205,7 +212,9 @@ class MixMFLNet(nn.Module):
         bottleneck = features[-1]
         self.enc = nn.ModuleDict({m: Encoder(spatial_dims, features) for m in (*modalities, "shared")})
         self.fuse = UnetBasicBlock(spatial_dims, 2 * bottleneck, bottleneck, kernel_size=3, stride=1, norm_name=NORM)
-        self.cls = nn.Sequential(nn.Linear(bottleneck, bottleneck), nn.LeakyReLU(0.01), nn.Linear(bottleneck, len(modalities)))
+        self.cls = nn.Sequential(
+            nn.Linear(bottleneck, bottleneck), nn.LeakyReLU(0.01), nn.Linear(bottleneck, len(modalities))
+        )
         self.dec = Decoder(spatial_dims, features, len(regions), len(modalities))
 
     @property
@@ -228,7 +237,9 @@ class MixMFLNet(nn.Module):
         if unknown or not present:
             raise ValueError(f"present must be a non-empty subset of {self.modalities}, got {tuple(present)}")
         if images.ndim != self.spatial_dims + 2 or images.shape[1] != len(self.modalities):
-            raise ValueError(f"images must be (N, {len(self.modalities)}, *{self.spatial_dims} spatial dims), got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be (N, {len(self.modalities)}, *{self.spatial_dims} spatial dims), got {tuple(images.shape)}"
+            )
         return tuple(m for m in self.modalities if m in present)
 
     def encode(self, images: torch.Tensor, present: Sequence[str]) -> Encoded:
@@ -241,7 +252,9 @@ class MixMFLNet(nn.Module):
             shared[m] = self.enc["shared"](x)
         return Encoded(present, tailored, shared)
 
-    def decode(self, encoded: Encoded, pseudo: Mapping[str, torch.Tensor] | None = None, decoupler: bool = True) -> MixMFLOutput:
+    def decode(
+        self, encoded: Encoded, pseudo: Mapping[str, torch.Tensor] | None = None, decoupler: bool = True
+    ) -> MixMFLOutput:
         """Segment from encoded features; with `decoupler`, also the classifier logits and fusions.
 
         Args:
@@ -252,7 +265,9 @@ class MixMFLNet(nn.Module):
         pseudo = dict(pseudo or {})
         extra = [m for m in pseudo if m in encoded.present or m not in self.modalities]
         if extra:
-            raise ValueError(f"pseudo features are for missing modalities only; got {extra} with {encoded.present} present")
+            raise ValueError(
+                f"pseudo features are for missing modalities only; got {extra} with {encoded.present} present"
+            )
         first = next(iter(encoded.tailored.values()))
         levels = []
         for k in range(len(self.features)):
@@ -276,12 +291,21 @@ class MixMFLNet(nn.Module):
             out.tailored_vec[m] = pooled(t)
             out.cls_tailored[m] = self.cls(out.tailored_vec[m])
             out.cls_shared[m] = self.cls(GradientReversal.apply(pooled(s), self.grl_lambda))
-        out.fused_ss = [self.fuse(torch.cat([out.shared[a], out.shared[b]], 1)) for a, b in itertools.combinations(encoded.present, 2)]
-        out.fused_st = [self.fuse(torch.cat([out.shared[a], out.tailored[b]], 1)) for a in encoded.present for b in encoded.present]
+        out.fused_ss = [
+            self.fuse(torch.cat([out.shared[a], out.shared[b]], 1))
+            for a, b in itertools.combinations(encoded.present, 2)
+        ]
+        out.fused_st = [
+            self.fuse(torch.cat([out.shared[a], out.tailored[b]], 1)) for a in encoded.present for b in encoded.present
+        ]
         return out
 
     def forward(
-        self, images: torch.Tensor, present: Sequence[str], pseudo: Mapping[str, torch.Tensor] | None = None, decoupler: bool = True
+        self,
+        images: torch.Tensor,
+        present: Sequence[str],
+        pseudo: Mapping[str, torch.Tensor] | None = None,
+        decoupler: bool = True,
     ) -> MixMFLOutput:
         """Encode and decode.
 
@@ -372,7 +396,10 @@ def gaussian_entropy(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def entropy_triplet_loss(
-    shared_set: Sequence[torch.Tensor], fused_ss_set: Sequence[torch.Tensor], fused_st_set: Sequence[torch.Tensor], margin: float = 1.0
+    shared_set: Sequence[torch.Tensor],
+    fused_ss_set: Sequence[torch.Tensor],
+    fused_st_set: Sequence[torch.Tensor],
+    margin: float = 1.0,
 ) -> torch.Tensor:
     """relu(max d(shared, fused_ss) - min d(shared, fused_st) + margin), d(a, b) = |H(a) - H(b)|.
 
@@ -410,7 +437,12 @@ class MixMFLLoss(nn.Module):
     """
 
     def __init__(
-        self, seg_loss: nn.Module, modalities: Sequence[str] = MODALITIES, lambda_cls: float = 0.5, lambda_triplet: float = 1e-4, margin: float = 1.0
+        self,
+        seg_loss: nn.Module,
+        modalities: Sequence[str] = MODALITIES,
+        lambda_cls: float = 0.5,
+        lambda_triplet: float = 1e-4,
+        margin: float = 1.0,
     ) -> None:
         super().__init__()
         self.seg_loss, self.modalities = seg_loss, tuple(modalities)
@@ -420,9 +452,13 @@ class MixMFLLoss(nn.Module):
         """{"loss": total, "seg", "cls", "triplet"} (unweighted terms; an unused one is 0)."""
         zero = torch.zeros((), device=target.device)
         seg = self.seg_loss(out.logits.float(), target)
-        cls = modality_classification_loss(out.cls_tailored, out.cls_shared, self.modalities) if self.lambda_cls else zero
+        cls = (
+            modality_classification_loss(out.cls_tailored, out.cls_shared, self.modalities) if self.lambda_cls else zero
+        )
         triplet = (
-            entropy_triplet_loss(list(out.shared.values()), out.fused_ss, out.fused_st, self.margin) if self.lambda_triplet else zero
+            entropy_triplet_loss(list(out.shared.values()), out.fused_ss, out.fused_st, self.margin)
+            if self.lambda_triplet
+            else zero
         )
         total = seg + self.lambda_cls * cls + self.lambda_triplet * triplet
         return {"loss": total, "seg": seg, "cls": cls, "triplet": triplet}

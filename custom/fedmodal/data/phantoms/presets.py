@@ -19,6 +19,10 @@ class Preset:
         sites: site name -> modalities it holds (canonical order).
         cases_per_site: site name -> default number of training cases.
         test_cases: default size of the held-out full-modal test set.
+        client_split: (train, test) shares of each `site-N`'s own cases, for methods scored per
+            client on the client's own test split (written to the site's `fedmodal_site.json`
+            as an explicit list, so every client gets exactly its share); None leaves the
+            manifest's hashed default.
     """
 
     name: str
@@ -26,6 +30,7 @@ class Preset:
     sites: dict[str, tuple[str, ...]]
     cases_per_site: dict[str, int]
     test_cases: int = 10
+    client_split: tuple[float, float] | None = None
 
 
 def _fedmepd_sites() -> dict[str, tuple[str, ...]]:
@@ -70,12 +75,14 @@ def _make_presets() -> dict[str, Preset]:
             "FedMEPD: full-modal server site + 8 clients with the paper's modality masks",
             fedmepd,
             {s: (16 if s == "server" else 8) for s in fedmepd},
+            client_split=(0.6, 0.4),  # the reference splits: 60/40 train/test per client
         ),
         Preset(
             "mixmfl",
             "MDM-MixMFL: 6 clients, each holding a different pair of the 4 modalities",
             mixmfl,
             {s: 10 for s in mixmfl},
+            client_split=(0.7, 0.3),  # the paper: 7:3 train/test per client
         ),
     ]
     return {p.name: p for p in presets}

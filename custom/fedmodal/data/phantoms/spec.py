@@ -6,7 +6,7 @@ from fedmodal.brats import RELEASES
 from fedmodal.data.phantoms.grid import DEFAULT_SHAPE
 from fedmodal.data.phantoms.presets import DEFAULT_PRESET, PRESETS, Preset
 
-GENERATOR_VERSION = 2  # bump when the same spec would give different voxels
+GENERATOR_VERSION = 3  # bump when the same spec would give different voxels or files
 DEFAULT_LAYOUT = "brats2021"
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedmodal.brats import ENHANCING, ET_LABEL, MODALITIES, NECROSIS, OEDEMA
 from fedmodal.data.layouts import case_file_paths, make_case_id
+from fedmodal.data.manifest import SITE_FILE
 from fedmodal.data.phantoms.case import generate_case
 from fedmodal.data.phantoms.grid import BRATS_FOV_MM, grid_affine
 from fedmodal.data.phantoms.presets import PRESETS
@@ -102,6 +103,13 @@ def _write_case_in(args: tuple[dict, dict, str]) -> dict:
     return write_case(job, spec, Path(folder) / job["folder"])
 
 
+def _write_client_split(site_folder: Path, case_ids: list[str], train_share: float) -> None:
+    """The site's `fedmodal_site.json` naming its train and test cases (at least one of each)."""
+    n_train = min(max(1, round(train_share * len(case_ids))), len(case_ids) - 1)
+    split = {"train": case_ids[:n_train], "val": [], "test": case_ids[n_train:]}
+    (site_folder / SITE_FILE).write_text(json.dumps({"split": split}, indent=1))
+
+
 def build_into(folder: Path, spec: dict, workers: int) -> dict:
     """Write every case of ``spec`` into ``folder``, then its ``federation.json``; returns that record."""
     preset = PRESETS[spec["preset"]]
@@ -131,6 +139,8 @@ def build_into(folder: Path, spec: dict, workers: int) -> dict:
             "case_ids": [r["case_id"] for r in records[site]],
             "scanner": site_profile(spec["seed"], site).to_json(),
         }
+        if preset.client_split and site.startswith("site-"):
+            _write_client_split(folder / site, sites[site]["case_ids"], preset.client_split[0])
     test = None
     if spec["test_cases"]:
         test = {

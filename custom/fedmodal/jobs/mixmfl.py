@@ -1,0 +1,33 @@
+"""jobs/mixmfl: MDM-MixMFL on the mix-modal federation (each site a different pair of modalities)."""
+
+from __future__ import annotations
+
+from nvflare.job_config.api import FedJob
+
+from fedmodal.fl.keygroup_workflow import TASKS
+from fedmodal.fl.site import SiteConfig
+from fedmodal.jobs.spec import JobSpec, add_payload_audit
+from fedmodal.mixmfl.config import MixMFLConfig
+from fedmodal.mixmfl.workflow import MixMFLServerConfig
+
+
+def build(name: str, settings: dict, min_clients: int) -> FedJob:
+    from fedmodal.mixmfl.executor import MixMFLExecutor
+    from fedmodal.mixmfl.workflow import MixMFLController
+
+    job = FedJob(name=name, min_clients=min_clients)
+    job.to_server(
+        MixMFLController(mixmfl=settings["mixmfl"].to_dict(), server=settings["server"].to_dict()), id="mixmfl"
+    )
+    job.to_clients(MixMFLExecutor(site=settings["site"].to_dict()), tasks=list(TASKS))
+    add_payload_audit(job, TASKS)
+    return job
+
+
+MIXMFL = JobSpec(
+    name="mixmfl",
+    description="MDM-MixMFL: tailored encoders averaged per modality, shared parts over all, a prototype memory",
+    sections={"mixmfl": MixMFLConfig, "server": MixMFLServerConfig, "site": SiteConfig},
+    build=build,
+    defaults={"site": {"preset": "mixmfl"}},
+)

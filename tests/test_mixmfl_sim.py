@@ -1,0 +1,101 @@
+"""jobs/mixmfl in NVFlare's own simulator at a tiny size, with the privacy audit of every payload."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmodal.fl.allow_list import customize_simulator
+from fedmodal.jobs import JOBS
+from fedmodal.jobs.spec import export_job, route_settings
+from fedmodal.nets.mixmfl import key_group
+
+pytestmark = pytest.mark.integration
+
+NVFLARE = Path(sys.executable).with_name("nvflare")
+SITES = [f"site-{k}" for k in range(1, 7)]
+TINY = {
+    "features": [4, 8, 16],
+    "patch_size": [32, 32],
+    "batch_size": 4,
+    "samples_per_case": 2,
+    "min_cluster_size": 3,
+    "kmeans_k": 2,
+    "num_rounds": 2,
+    "task_timeout": 600,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from fedmodal.data.phantoms import build_federation
+
+    tmp = tmp_path_factory.mktemp("mixmfl")
+    data = build_federation(tmp / "data", shape=(32, 32, 24), cases_per_site=4, test_cases=1, preset="mixmfl")
+    spec = JOBS["mixmfl"]
+    job = export_job(spec, tmp / "jobs", route_settings(spec, TINY))
+    customize_simulator(tmp / "ws")
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", "6", "-t", "6"],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    federation = json.loads((data / "federation.json").read_text())["sites"]
+    return tmp / "ws", {s: set(federation[s]["modalities"]) for s in SITES}
+
+
+def audit(ws: Path, site: str) -> list[dict]:
+    path = ws / site / "simulate_job" / "payload_audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_job_finishes_and_scores_every_site_on_its_own_test_split(run):
+    ws, _ = run
+    out = ws / "server" / "simulate_job" / "mixmfl"
+    results = json.loads((out / "per_site.json").read_text())
+    assert sorted(results["results"]) == SITES
+    for site, metrics in results["results"].items():
+        for region in ("WT", "TC", "ET"):
+            assert 0.0 <= metrics[f"dice_{region}"] <= 1.0, (site, metrics)
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_each_site_sends_only_its_groups_and_prototypes_of_what_it_holds(run):
+    ws, held = run
+    for site in SITES:
+        sent = [r for r in audit(ws, site) if r["direction"] == "out" and r["task"] == "train"]
+        assert len(sent) == TINY["num_rounds"]
+        for record in sent:
+            groups = {key_group(k) for k in record["items"] if not k.startswith("memory.")}
+            assert groups == {"enc.shared", "fuse", "cls", "dec"} | {f"enc.{m}" for m in held[site]}, site
+            for key, item in record["items"].items():
+                if key.startswith("memory."):
+                    assert key.removeprefix("memory.") in held[site]
+                    rows, width = item["shape"]
+                    assert 1 <= rows <= TINY["kmeans_k"] and width == TINY["features"][-1]  # centres, not samples
+
+
+def test_each_site_receives_the_memory_of_what_it_lacks_and_no_foreign_encoder(run):
+    ws, held = run
+    for site in SITES:
+        received = [r for r in audit(ws, site) if r["direction"] == "in" and r["task"] == "train"]
+        assert len(received) == TINY["num_rounds"]
+        for i, record in enumerate(received):
+            tailored = {
+                k.split(".")[1] for k in record["items"] if k.startswith("enc.") and not k.startswith("enc.shared.")
+            }
+            assert tailored == held[site]
+            memory = {k.removeprefix("memory.") for k in record["items"] if k.startswith("memory.")}
+            assert not memory & held[site]
+            if i > 0:  # after the first round the other sites have written prototypes
+                assert memory == {"t1", "t1ce", "t2", "flair"} - held[site]
