@@ -56,3 +56,25 @@ def test_tables_are_markdown_and_csv(tmp_path):
     write_table(tmp_path / "t.md", ["method", "Dice"], [["FedAvg", 50.1], ["MixMFL", 58.6]])
     assert (tmp_path / "t.md").read_text().splitlines()[2] == "| FedAvg | 50.1 |"
     assert (tmp_path / "t.csv").read_text().splitlines() == ["method,Dice", "FedAvg,50.1", "MixMFL,58.6"]
+
+
+def test_mixmfl_tables_are_assembled_from_every_stage(tmp_path):
+    """The tables stage joins the method stages' per-client metrics in the paper's layout."""
+    from fedmodal.atomic import write_json_atomically
+    from fedmodal.reproduce.mixmfl import ABLATIONS, CLIENTS, tables_stage
+
+    def metrics(dice: float) -> dict:
+        return {**{f"dice_{r}": dice for r in ("WT", "TC", "ET")}, **{f"hd95_{r}": 10.0 for r in ("WT", "TC", "ET")}}
+
+    scores = {"local": 0.3, "fedavg": 0.4, "fedprox": 0.45, **{name: 0.5 for name in ABLATIONS}}
+    for name, dice in scores.items():
+        per_client = {c: metrics(dice + 0.01 * k) for k, c in enumerate(CLIENTS)}
+        write_json_atomically(tmp_path / name / DONE_FILE, per_client)
+    rep = Reproduction(tmp_path, [])
+    tables_stage(tmp_path / "tables", rep)
+    table = (tmp_path / "table1.md").read_text().splitlines()
+    assert table[0] == "| Method | Client1 | Client2 | Client3 | Client4 | Client5 | Client6 | Average |"
+    assert table[2] == "| Local only | 30.00 | 31.00 | 32.00 | 33.00 | 34.00 | 35.00 | 32.50 |"
+    assert table[5].startswith("| MDM-MixMFL | 50.00 |")
+    assert "| w/o memory | 52.50 |" in (tmp_path / "ablation.md").read_text()
+    assert "| FedProx | 47.50 | 47.50 | 47.50 | 10.00 | 10.00 | 10.00 |" in (tmp_path / "regions.md").read_text()

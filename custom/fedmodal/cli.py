@@ -14,6 +14,7 @@ import sys
 # name -> (module, function adding arguments to a parser, function running parsed args, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "job": ("fedmodal.jobs.cli", "add_arguments", "run", "list, export or run a fedmodal NVFlare job (sim, poc, prod)"),
+    "reproduce": ("fedmodal.reproduce.cli", "add_arguments", "run", "reproduce a paper's table (resumable stages)"),
     "phantoms": ("fedmodal.data.phantoms", "add_arguments", "run", "build a phantom federation of BraTS-named NIfTI"),
     "montage": ("fedmodal.data.montage", "add_arguments", "run", "draw every modality and the seg of one case as PNG"),
     "site-check": ("fedmodal.data.sitecheck", "add_arguments", "run", "report what a site folder would contribute"),
