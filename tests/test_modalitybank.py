@@ -322,3 +322,42 @@ def test_sites_keep_their_discriminators_at_checkpoints_for_a_resumed_run(site_s
         assert resumed.adversary.state_dict()[modality]["opt"]["state"].keys() == entry["opt"]["state"].keys()
 
     assert "start afresh" in worker(tmp_path / "elsewhere", seed=0).load_state(7)
+
+
+def test_a_dropped_site_gets_no_gradient_and_the_others_are_renormalised(site_slices, tmp_path):
+    """A site that did not answer a step: its fakes get zero gradient, the answering holders'
+    shares are renormalised over themselves; it can rejoin for the next step."""
+    workers = make_workers(site_slices, tmp_path)
+    trainer, coordinator, sites = start(workers)
+    payloads = coordinator.step_payloads()
+    replies = {n: workers[n].step(p) for n, p in payloads.items() if n != "site-3"}
+    captured = {}
+    trainer.apply_gradients = lambda fakes, grads: captured.update(grads)
+    coordinator.drop("site-3")
+    coordinator.finish_step(replies, dropped={"site-3"})
+    source = trainer.active_modalities()[0]  # t1, held by every site
+    sizes = {n: coordinator.state(n).num_samples for n in ("site-1", "site-2")}
+    rows = TINY["batch_size"]
+    grad = captured[source]
+    expected = torch.cat(
+        [
+            torch.as_tensor(replies["site-1"][P.GRAD_PREFIX + source]) * sizes["site-1"] / sum(sizes.values()),
+            torch.as_tensor(replies["site-2"][P.GRAD_PREFIX + source]) * sizes["site-2"] / sum(sizes.values()),
+            torch.zeros((rows, *grad.shape[1:])),
+        ]
+    )
+    torch.testing.assert_close(grad, expected)
+    assert sorted(coordinator.sites) == ["site-1", "site-2"] and coordinator.cannot_continue(min_sites=2) is None
+    assert "fewer than min_sites 3" in coordinator.cannot_continue(min_sites=3)
+    coordinator.rejoin(sites[2])
+    assert sorted(coordinator.step_payloads()) == ["site-1", "site-2", "site-3"]
+
+
+def test_the_run_cannot_go_on_when_no_live_site_holds_a_trained_modality(site_slices, tmp_path):
+    workers = make_workers(site_slices, tmp_path)
+    _, coordinator, sites = start(workers, {"pretrain_steps": 0})  # the bank phase trains t1ce, t2, flair
+    lacking_t2 = [s.name for s in sites if "t2" not in s.modalities]
+    for s in sites:
+        if s.name not in lacking_t2:
+            coordinator.drop(s.name)
+    assert "no live site holds ['t2']" in coordinator.cannot_continue(min_sites=1)

@@ -80,29 +80,47 @@ class ExchangeError(RuntimeError):
     """A site failed or did not answer an exchange; the message names it and says why."""
 
 
+def split_replies(
+    task_name: str, replies: dict[str, Shareable | None], timeout: float
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each answering site's reply data, and for each failed site why (both in site order)."""
+    data, failures = {}, {}
+    for name in sorted(replies):
+        result = replies[name]
+        code = None if result is None else result.get_return_code()
+        if code == ReturnCode.OK:
+            data[name] = from_shareable(result).data
+        elif code in SITE_REPORTED:
+            failures[name] = f"site {name} failed {task_name} (return code {code}): see its log"
+        else:  # the message got no answer: the site's process is gone, hung or unreachable
+            failures[name] = (
+                f"site {name} failed {task_name} (return code {code}): no answer within {timeout}s or the site is "
+                f"unreachable. {SIMULATOR_HINT}"
+            )
+    return data, failures
+
+
 def reply_data(task_name: str, replies: dict[str, Shareable | None], timeout: float) -> dict[str, dict]:
     """Each site's reply data, in site order.
 
     Raises:
         ExchangeError: naming the first site (by name) whose reply is missing or not OK.
     """
-    out = {}
-    for name in sorted(replies):
-        result = replies[name]
-        code = None if result is None else result.get_return_code()
-        if code != ReturnCode.OK:
-            if code in SITE_REPORTED:
-                reason = "see its log"
-            else:  # the message got no answer: the site's process is gone, hung or unreachable
-                reason = f"no answer within {timeout}s or the site is unreachable. {SIMULATOR_HINT}"
-            raise ExchangeError(f"site {name} failed {task_name} (return code {code}): {reason}")
-        out[name] = from_shareable(result).data
-    return out
+    data, failures = split_replies(task_name, replies, timeout)
+    if failures:
+        raise ExchangeError(next(iter(failures.values())))
+    return data
 
 
 def exchange_by_tasks(
-    controller, task_name: str, payloads: dict[str, dict], timeout: float, abort_signal: Signal, fl_ctx: FLContext
-) -> dict[str, dict] | None:
+    controller,
+    task_name: str,
+    payloads: dict[str, dict],
+    timeout: float,
+    abort_signal: Signal,
+    fl_ctx: FLContext,
+    partial: bool = False,
+):
     """Send each site its own payload as an NVFlare task and wait for every reply.
 
     Results are collected by the task's callback, which wakes this thread when the last one
@@ -111,6 +129,8 @@ def exchange_by_tasks(
 
     Args:
         controller: the NVFlare `Controller` whose `send` carries the tasks.
+        partial: return (data of the sites that answered, site -> why it failed) instead of
+            raising at the first failure.
     """
     replies: dict[str, Shareable] = {}
     all_in = threading.Event()
@@ -133,8 +153,13 @@ def exchange_by_tasks(
         if time.monotonic() > deadline:
             with lock:
                 late = sorted(set(payloads) - set(replies))
-            raise ExchangeError(f"sites {late} sent no {task_name} result within {timeout}s. {SIMULATOR_HINT}")
-    return reply_data(task_name, replies, timeout)
+            if not partial:
+                raise ExchangeError(f"sites {late} sent no {task_name} result within {timeout}s. {SIMULATOR_HINT}")
+            replies.update({name: None for name in late})
+            break
+    with lock:
+        answered = dict(replies)
+    return split_replies(task_name, answered, timeout) if partial else reply_data(task_name, answered, timeout)
 
 
 class DirectSender:
@@ -145,11 +170,13 @@ class DirectSender:
     def __init__(self):
         self.pool: ThreadPoolExecutor | None = None
 
-    def exchange(self, task_name: str, payloads: dict[str, dict], timeout: float, fl_ctx: FLContext):
+    def exchange(self, task_name: str, payloads: dict[str, dict], timeout: float, fl_ctx: FLContext, partial=False):
         """Every site's reply data (site -> dict), or None when the run is aborted.
 
+        With `partial`, (data of the sites that answered, site -> why it failed) instead.
+
         Raises:
-            ExchangeError: a site failed, refused or did not answer.
+            ExchangeError: without `partial`, a site failed, refused or did not answer.
         """
         engine = fl_ctx.get_engine()
 
@@ -174,7 +201,7 @@ class DirectSender:
         abort = fl_ctx.get_run_abort_signal()
         if abort is not None and abort.triggered:
             return None
-        return reply_data(task_name, replies, timeout)
+        return split_replies(task_name, replies, timeout) if partial else reply_data(task_name, replies, timeout)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -10,7 +10,7 @@ from fedmodal.config import Settings
 
 # CPU-sized defaults per dimensionality (see `MixMFLConfig` for the measurements behind them).
 DEFAULTS: dict[int, dict[str, Any]] = {
-    2: {"features": (16, 32, 64), "patch_size": (96, 96), "batch_size": 8, "samples_per_case": 4},
+    2: {"features": (16, 32, 64), "patch_size": (64, 64), "batch_size": 8, "samples_per_case": 4},
     3: {"features": (8, 16, 32), "patch_size": (48, 48, 32), "batch_size": 2, "samples_per_case": 1},
 }
 
@@ -24,8 +24,11 @@ class MixMFLConfig(Settings):
     retrieved for t2 and flair), seconds per training step (forward, backward, Adam):
 
     - 2D 96x96, features (16, 32, 64), batch 8 (2 cases x 4 slices): 0.79 s; 4.0 s an epoch
-      of 5 steps; 0.79 M parameters. The default.
-    - 2D 64x64, features (16, 32, 64), batch 8: 0.37 s.
+      of 5 steps; 0.79 M parameters.
+    - 2D 64x64, features (16, 32, 64), batch 8: 0.37 s. The default: six sites share two
+      cores in the simulator, and the default job (25 rounds x 4 local epochs) must finish
+      within 20 minutes; at 96x96 and one epoch per round, 10 rounds took 3 min 21 s and
+      reached only 0.1 WT Dice (40 steps per site).
     - 2D 96x96, features (8, 16, 32), batch 8: 0.37 s.
     - 2D 96x96, features (16, 32, 64, 128), batch 8: 0.88 s (3.2 M parameters).
     - 3D 48x48x32, features (8, 16, 32), batch 2 patches: 1.11 s; 5.6 s an epoch.

@@ -40,8 +40,8 @@ class MixMFLServerConfig(Settings):
 
     settings_name = "MixMFL server"
 
-    num_rounds: int = 10
-    local_epochs: int = 1
+    num_rounds: int = 25
+    local_epochs: int = 4
     min_sites: int = 2
     task_timeout: int = 3600
     resume_from: str = ""

@@ -96,8 +96,16 @@ class ControllerConfig(Settings):
 
     Args:
         slices: which axial slices sites train on: "tumour" or "brain".
-        min_sites: sites required to start.
-        step_timeout: seconds to wait for every site's step result before stopping the run.
+        min_sites: sites required to start, and to go on: a site that does not answer a step
+            within `step_timeout` is dropped from the run while at least `min_sites` sites are
+            left and every modality of the phase is still held by one of them; it rejoins when
+            it answers a new registration (sent to it every `rejoin_every` steps).
+        step_timeout: seconds a site gets to answer one step (a step takes 0.3-0.6 s on this
+            2-core CPU at the default size; raise it for far larger images or slow links). The
+            first step, which also builds the discriminators, gets `register_timeout`.
+        register_timeout: seconds the sites get to register: they read and prepare their data
+            first (building the phantoms on a first run, minutes for a hospital's BraTS folder).
+        rejoin_every: steps between registration offers to dropped sites.
         log_every: steps between progress lines.
         sample_every: steps between sample grids (PNG + TensorBoard).
         checkpoint_every: steps between checkpoints (always at phase ends and at the end).
@@ -115,7 +123,9 @@ class ControllerConfig(Settings):
 
     slices: str = "tumour"
     min_sites: int = 2
-    step_timeout: float = 600.0
+    step_timeout: float = 30.0
+    register_timeout: float = 1800.0
+    rejoin_every: int = 10
     log_every: int = 20
     sample_every: int = 100
     checkpoint_every: int = 200

@@ -59,6 +59,9 @@ class ModalityBankController(Controller):
         self.out_dir: Path | None = None
         self.writer = None
         self.sender = DirectSender()
+        self.membership: list[dict] = []
+        self._returning: dict[str, SiteState] = {}  # re-registered sites, admitted before the next step
+        self._offered: set[str] = set()  # away sites with a registration task outstanding
 
     # ------------------------------------------------------------------ lifecycle
     def start_controller(self, fl_ctx: FLContext):
@@ -102,24 +105,47 @@ class ModalityBankController(Controller):
         waits: dict[str, list[float]] = {}  # of which waiting for the sites (transport + site compute)
         total_steps = sum(n for _, n in config.phases)
         global_step = sum(n for _, n in config.phases[: trainer.progress.phase_index]) + trainer.progress.step
+        last_checkpoint = resume_step
         while not trainer.finished:
             phase, step, phase_steps = trainer.phase, trainer.progress.step, trainer.phase_steps
             phase_ends = step + 1 >= phase_steps
+            self._admit_rejoined(coordinator, global_step, fl_ctx)
+            if coordinator.away and global_step % max(1, run.rejoin_every) == 0:
+                self._offer_registration(coordinator, run_id, last_checkpoint, fl_ctx)
             # Checkpoints at phase ends and every checkpoint_every steps; the sites save with them.
             saves = phase_ends or bool(run.checkpoint_every and (global_step + 1) % run.checkpoint_every == 0)
             started = time.perf_counter()
             payloads = coordinator.step_payloads(checkpoint_step=global_step + 1 if saves else None)
             sent = time.perf_counter()
-            replies = self._exchange(P.TASK_STEP, payloads, abort_signal, fl_ctx, direct=run.step_transport == "direct")
-            if replies is None:
+            # The first step of a run also builds the sites' discriminators and warms torch up.
+            timeout = run.register_timeout if not timings else run.step_timeout
+            exchanged = self._exchange(
+                P.TASK_STEP,
+                payloads,
+                abort_signal,
+                fl_ctx,
+                run.step_transport == "direct",
+                partial=True,
+                timeout=timeout,
+            )
+            if exchanged is None:
                 return
+            replies, failures = exchanged
             received = time.perf_counter()
-            losses = coordinator.finish_step(replies)
+            for name, reason in failures.items():
+                coordinator.drop(name)
+                self._note_membership("dropped", name, global_step + 1, reason, coordinator, fl_ctx)
+            problem = coordinator.cannot_continue(run.min_sites) if failures else None
+            if problem:
+                self._stop_for_sites(problem, trainer, run_id, global_step, fl_ctx)
+                return
+            losses = coordinator.finish_step(replies, dropped=failures)
             finished = time.perf_counter()
             timings.setdefault(phase, []).append(finished - started)
             waits.setdefault(phase, []).append(received - sent)
             global_step += 1
             self._record_losses(losses, global_step)
+            self.writer.add_scalar("sites/live", len(coordinator.sites), global_step)
             if (step + 1) % run.log_every == 0 or phase_ends:
                 recent = timings[phase][-run.log_every :]
                 rate = len(recent) / max(sum(recent), 1e-9)
@@ -129,6 +155,7 @@ class ModalityBankController(Controller):
                     "of": phase_steps,
                     "steps_per_s": round(rate, 3),
                     "eta_s": round((total_steps - global_step) / max(rate, 1e-9)),
+                    "live_sites": sorted(coordinator.sites),
                     "losses": _mean_by_name(losses),
                 }
                 self.log_info(fl_ctx, "progress " + json.dumps(record))
@@ -136,13 +163,12 @@ class ModalityBankController(Controller):
             if run.sample_every and (global_step % run.sample_every == 0 or trainer.finished):
                 self._save_samples(trainer, sample_masks, global_step)
             if saves:
-                trainer.save(self.out_dir / "checkpoint")
-                run_file = self.out_dir / "checkpoint" / RUN_FILE
-                run_file.write_text(json.dumps({"run_id": run_id, "global_step": global_step}))
+                self._save_checkpoint(trainer, run_id, global_step)
+                last_checkpoint = global_step
         previews = coordinator.preview_payloads(run.preview_count)
         if self._exchange(P.TASK_PREVIEW, previews, abort_signal, fl_ctx, direct=False) is None:
             return
-        self._write_summary(config, sites, timings, waits)
+        self._write_summary(config, [coordinator.state(s.name) for s in sites], timings, waits)
         self.log_info(fl_ctx, f"ModalityBank finished; checkpoint in {self.out_dir / 'checkpoint'}")
 
     def _run_identity(self, fl_ctx: FLContext) -> tuple[str, int | None]:
@@ -157,11 +183,9 @@ class ModalityBankController(Controller):
         run = json.loads(run_file.read_text())
         return str(run["run_id"]), int(run["global_step"])
 
-    def _register(
-        self, abort_signal: Signal, fl_ctx: FLContext, run_id: str, resume_step: int | None
-    ) -> list[SiteState] | None:
-        """Ask every site for its keys (and masks, where the site shares them)."""
-        site_config = {
+    def _site_config(self, run_id: str, resume_step: int | None) -> dict:
+        """What a site needs to build its worker; `resume_step` makes it reload its discriminators."""
+        return {
             "image_size": self.generator_config.image_size,
             "slices": self.run_config.slices,
             "seed": self.generator_config.seed,
@@ -169,10 +193,15 @@ class ModalityBankController(Controller):
             P.RUN_ID: run_id,
             P.RESUME_STEP: resume_step,
         }
+
+    def _register(
+        self, abort_signal: Signal, fl_ctx: FLContext, run_id: str, resume_step: int | None
+    ) -> list[SiteState] | None:
+        """Ask every site for its keys (and masks, where the site shares them)."""
         task = Task(
             name=P.TASK_REGISTER,
-            data=DXO(DataKind.COLLECTION, {P.CONFIG: site_config}).to_shareable(),
-            timeout=int(self.run_config.step_timeout),
+            data=DXO(DataKind.COLLECTION, {P.CONFIG: self._site_config(run_id, resume_step)}).to_shareable(),
+            timeout=int(self.run_config.register_timeout),
         )
         clients = sorted(c.name for c in fl_ctx.get_engine().get_clients())
         min_sites = self.run_config.min_sites
@@ -196,17 +225,77 @@ class ModalityBankController(Controller):
         return sites
 
     def _exchange(
-        self, task_name: str, payloads: dict[str, dict], abort_signal: Signal, fl_ctx: FLContext, direct: bool
+        self,
+        task_name: str,
+        payloads: dict[str, dict],
+        abort_signal: Signal,
+        fl_ctx: FLContext,
+        direct: bool,
+        partial: bool = False,
+        timeout: float | None = None,
     ):
-        """Every site's reply data, or None after stopping the run (aborted, or a site failed)."""
-        timeout = self.run_config.step_timeout
+        """Every site's reply data, or None after stopping the run (aborted, or a site failed).
+
+        With `partial`, (data of the sites that answered, site -> why it failed). `timeout`
+        defaults to `step_timeout`.
+        """
+        timeout = timeout or self.run_config.step_timeout
         try:
             if direct:
-                return self.sender.exchange(task_name, payloads, timeout, fl_ctx)
-            return exchange_by_tasks(self, task_name, payloads, timeout, abort_signal, fl_ctx)
+                return self.sender.exchange(task_name, payloads, timeout, fl_ctx, partial=partial)
+            return exchange_by_tasks(self, task_name, payloads, timeout, abort_signal, fl_ctx, partial=partial)
         except ExchangeError as e:
             self.system_panic(str(e), fl_ctx)
             return None
+
+    # ------------------------------------------------------------------ sites that leave and return
+    def _note_membership(self, event: str, name: str, step: int, reason: str, coordinator, fl_ctx: FLContext):
+        self.membership.append({"event": event, "site": name, "step": step, "reason": reason})
+        self.writer.add_text("sites/membership", f"step {step}: {name} {event}: {reason}", step)
+        message = f"site {name} {event} at step {step}: {reason}; live sites {sorted(coordinator.sites)}"
+        (self.log_warning if event == "dropped" else self.log_info)(fl_ctx, message)
+
+    def _offer_registration(self, coordinator, run_id: str, checkpoint_step: int | None, fl_ctx: FLContext):
+        """Send each away site a registration task (not waited for); its answer brings it back."""
+        connected = {c.name for c in fl_ctx.get_engine().get_clients()}
+        for name in sorted(set(coordinator.away) - self._offered):
+            if name not in connected:
+                continue
+
+            def received(client_task, fl_ctx, name=name):
+                self._offered.discard(name)
+                result = client_task.result
+                if result is not None and result.get_return_code() == ReturnCode.OK:
+                    self._returning[name] = SiteState.from_registration(name, from_shareable(result).data)
+
+            self._offered.add(name)
+            task = Task(
+                name=P.TASK_REGISTER,
+                data=DXO(DataKind.COLLECTION, {P.CONFIG: self._site_config(run_id, checkpoint_step)}).to_shareable(),
+                timeout=int(self.run_config.register_timeout),
+                result_received_cb=received,
+            )
+            self.send(task, fl_ctx, targets=[name])
+
+    def _admit_rejoined(self, coordinator, global_step: int, fl_ctx: FLContext) -> None:
+        for name in sorted(self._returning):
+            state = self._returning.pop(name)
+            if name in coordinator.away:
+                coordinator.rejoin(state)
+                self._note_membership("rejoined", name, global_step + 1, state.describe(), coordinator, fl_ctx)
+
+    def _save_checkpoint(self, trainer: GeneratorTrainer, run_id: str, global_step: int) -> Path:
+        folder = trainer.save(self.out_dir / "checkpoint")
+        (folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "global_step": global_step}))
+        return folder
+
+    def _stop_for_sites(self, problem: str, trainer: GeneratorTrainer, run_id: str, global_step: int, fl_ctx):
+        folder = self._save_checkpoint(trainer, run_id, global_step)
+        self.system_panic(
+            f"ModalityBank cannot go on at step {global_step}: {problem}. A checkpoint of step {global_step} is in "
+            f"{folder}: copy it out and rerun with server.resume_from set to it once the sites are back",
+            fl_ctx,
+        )
 
     # ------------------------------------------------------------------ outputs
     def _record_losses(self, losses: dict, global_step: int) -> None:
@@ -234,6 +323,8 @@ class ModalityBankController(Controller):
             "median_wait_seconds": {phase: float(np.median(t)) for phase, t in waits.items() if t},
             # Every step's time, and of it the wait for the sites: for benchmarks and regressions.
             "step_seconds": {phase: [round(x, 5) for x in t] for phase, t in timings.items()},
+            # Sites dropped (no answer within step_timeout) and rejoined, by global step.
+            "membership": self.membership,
             "wait_seconds": {phase: [round(x, 5) for x in t] for phase, t in waits.items()},
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

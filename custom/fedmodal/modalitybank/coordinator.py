@@ -91,9 +91,33 @@ class StepCoordinator:
 
     def __init__(self, trainer: GeneratorTrainer, sites: list[SiteState], rng: np.random.Generator):
         self.trainer = trainer
-        self.sites = {s.name: s for s in sorted(sites, key=lambda s: s.name)}
+        self.sites = {s.name: s for s in sorted(sites, key=lambda s: s.name)}  # the live sites
+        self.away: dict[str, SiteState] = {}  # dropped sites, until they register again
         self.rng = rng
         self._plan: _Plan | None = None
+
+    # ---------------------------------------------------------------- membership
+    def drop(self, name: str) -> None:
+        """Take a site out of the next steps (it did not answer); it may `rejoin` later."""
+        self.away[name] = self.sites.pop(name)
+
+    def rejoin(self, state: SiteState) -> None:
+        """Bring a site back with a fresh registration (its keys and masks may have changed)."""
+        self.away.pop(state.name, None)
+        self.sites = dict(sorted({**self.sites, state.name: state}.items()))
+
+    def cannot_continue(self, min_sites: int) -> str | None:
+        """Why the live sites cannot carry the current phase, or None when they can."""
+        if self.trainer.finished:
+            return None
+        held = {m for s in self.sites.values() for m in s.modalities}
+        missing = [m for m in self.trainer.active_modalities() if m not in held]
+        problems = []
+        if len(self.sites) < min_sites:
+            problems.append(f"{len(self.sites)} live sites ({sorted(self.sites)}), fewer than min_sites {min_sites}")
+        if missing:
+            problems.append(f"no live site holds {missing} (away: {sorted(self.away)})")
+        return "; ".join(problems) or None
 
     def step_payloads(self, checkpoint_step: int | None = None) -> dict[str, dict]:
         """Per site: its keys, augmentation table and fakes of the modalities it holds.
@@ -149,6 +173,10 @@ class StepCoordinator:
             payloads[name] = payload
         return payloads
 
+    def state(self, name: str) -> SiteState:
+        """A site's state, live or away."""
+        return self.sites[name] if name in self.sites else self.away[name]
+
     def _fake_slice(self, modality: str, name: str) -> torch.Tensor:
         start = 0
         for member in self._plan.members[modality]:
@@ -158,21 +186,31 @@ class StepCoordinator:
             start += size
         raise KeyError(f"site {name} got no {modality} fakes this step")
 
-    def finish_step(self, replies: dict[str, dict]) -> dict[str, dict]:
-        """Weight each site's gradient by its data share, step G; returns losses per site."""
+    def finish_step(self, replies: dict[str, dict], dropped=()) -> dict[str, dict]:
+        """Weight each site's gradient by its data share, step G; returns losses per site.
+
+        `dropped`: sites that got this step's fakes but did not answer. Their fakes get no
+        gradient and the others' shares are renormalised over the sites that answered.
+        """
         plan = self._plan
         if plan is None:
             raise RuntimeError("finish_step without step_payloads")
-        absent = sorted(set(plan.batches) - set(replies))
+        absent = sorted(set(plan.batches) - set(replies) - set(dropped))
         if absent:
             raise ValueError(f"no step result from sites {absent}")
         grads = {}
         for modality, names in plan.members.items():
-            if not names:
+            answered = [n for n in names if n in replies]
+            if not answered:
+                if names:
+                    raise ValueError(f"no site that holds {modality} answered this step (dropped: {sorted(dropped)})")
                 continue
-            total = sum(self.sites[n].num_samples for n in names)
+            total = sum(self.state(n).num_samples for n in answered)
             parts = []
             for name in names:
+                if name not in replies:
+                    parts.append(torch.zeros(self._fake_slice(modality, name).shape))
+                    continue
                 key = P.GRAD_PREFIX + modality
                 if key not in replies[name]:
                     raise ValueError(f"site {name} returned no {modality} gradient")
@@ -184,13 +222,13 @@ class StepCoordinator:
                     )
                 if not torch.isfinite(grad).all():
                     raise ValueError(f"site {name} returned a non-finite {modality} gradient")
-                parts.append(grad * (self.sites[name].num_samples / total))
+                parts.append(grad * (self.state(name).num_samples / total))
             grads[modality] = torch.cat(parts)
         losses = {}
         for name in sorted(replies):
             reply = replies[name]
             losses[name] = dict(reply.get(P.LOSSES, {}))
-            site = self.sites[name]
+            site = self.state(name)
             if not site.shares_masks:
                 site.pending_keys = list(reply[P.NEXT_KEYS])
                 site.pending_masks = P.decode_masks(reply[P.MASK_CODES])

@@ -41,6 +41,7 @@ class ModalityBankExecutor(Executor):
         self.site_config = BankSiteConfig.from_dict(self.site, where="the ModalityBank executor's site settings")
         self.adversary_config = AdversaryConfig.from_dict(self.adversary, where="the ModalityBank executor's adversary")
         self.worker: SiteWorker | None = None
+        self.run_id: str | None = None
         self._direct_registered = False
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -55,9 +56,15 @@ class ModalityBankExecutor(Executor):
             payload = from_shareable(shareable).data
             if task_name == P.TASK_REGISTER:
                 config = payload[P.CONFIG]
-                self.worker = self._build_worker(config, fl_ctx)
-                if config.get(P.RESUME_STEP) is not None:
-                    self.log_info(fl_ctx, self.worker.load_state(int(config[P.RESUME_STEP])))
+                if self.worker is not None and self.run_id == config[P.RUN_ID]:
+                    # Asked again after the server dropped this site (it was slow or cut off):
+                    # the same worker, discriminators and all, rejoins.
+                    self.log_info(fl_ctx, f"site {site}: registering again for run {self.run_id}")
+                else:
+                    self.worker = self._build_worker(config, fl_ctx)
+                    self.run_id = config[P.RUN_ID]
+                    if config.get(P.RESUME_STEP) is not None:
+                        self.log_info(fl_ctx, self.worker.load_state(int(config[P.RESUME_STEP])))
                 reply = self.worker.registration()
             elif self.worker is None:
                 raise RuntimeError(f"site {site}: {task_name} before registration (was the site process restarted?)")

@@ -32,7 +32,7 @@ SEGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
         "roi_size": [96, 96],
     },
-    # The 2D WT/TC/ET U-Net of the MixMFL / FedMEPD comparisons (about MixMFLNet's size).
+    # The 2D WT/TC/ET U-Net of the MixMFL / FedMEPD comparisons (about MixMFLNet's size and patch).
     "unet2d-brats": {
         "spatial_dims": 2,
         "regions": ["WT", "TC", "ET"],
@@ -42,7 +42,7 @@ SEGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
         "channels": [16, 32, 64, 128, 256],
         "num_res_units": 0,
         "dropout": 0.0,
-        "roi_size": [96, 96],
+        "roi_size": [64, 64],
     },
     # A tiny 2D U-Net for smoke tests and CI on 32x32 slices (not for results).
     "unet2d-wt-tiny": {

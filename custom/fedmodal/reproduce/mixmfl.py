@@ -87,6 +87,7 @@ def local_stage(budget: dict[str, int]):
             epochs = budget["rounds"] * budget["local_epochs"]
             command = [executable("fedmodal"), "train-seg", "--preset", "mixmfl", "--sites", site, "--dims", "2",
                        "--regions", *REGIONS, "--channels", "16", "32", "64", "128", "256", "--num-res-units", "0",
+                       "--patch-size", "64", "64",
                        "--epochs", str(epochs), "--val-every", str(max(1, epochs // 4)), "--test", "none",
                        "--num-threads", "1", "--out", out]  # fmt: skip
             rep.command(command, cwd=folder, log=folder / f"{site}.log")

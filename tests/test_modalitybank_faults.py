@@ -1,0 +1,128 @@
+"""ModalityBank under site faults, in NVFlare's own simulator: a hung site is dropped and
+rejoins, a killed site is dropped and the run finishes with the others; both say so.
+
+The faults are real: the test stops (SIGSTOP / SIGCONT) or kills (SIGKILL) the simulator's
+worker process of one site, found by its command line under this test's workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmodal.data.phantoms import build_federation
+from fedmodal.fl.allow_list import customize_simulator
+from fedmodal.jobs import JOBS
+from fedmodal.jobs.spec import export_job, route_settings
+
+pytestmark = pytest.mark.integration
+
+NVFLARE = Path(sys.executable).with_name("nvflare")
+TINY = {
+    "image_size": 32,
+    "ngf": 8,
+    "n_blocks": 2,
+    "batch_size": 2,
+    "pretrain_steps": 14,
+    "bank_steps": 14,
+    "sample_every": 0,
+    "log_every": 1,
+    "checkpoint_every": 0,
+    "preview_count": 2,
+    "step_timeout": 4,
+    "rejoin_every": 2,
+    "ndf": 8,
+    "n_layers": 2,
+    "split": "all",
+}
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    return build_federation(tmp_path_factory.mktemp("faultdata"), shape=(40, 40, 24), cases_per_site=2, test_cases=1)
+
+
+def site_worker_pid(workspace: Path, site: str) -> int | None:
+    """The simulator's worker process of `site` in this workspace (a process this test started)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        ours = any(str(workspace) in part for part in cmdline)
+        if ours and "nvflare.private.fed.app.simulator.simulator_worker" in cmdline and site in cmdline:
+            return int(entry.name)
+    return None
+
+
+def steps_done(log: Path) -> int:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return text.count('progress {"phase"')
+
+
+def run_with_fault(tmp: Path, data: Path, fault) -> dict:
+    spec = JOBS["modalitybank"]
+    job = export_job(spec, tmp / "jobs", route_settings(spec, TINY))
+    workspace = tmp / "ws"
+    customize_simulator(workspace)
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
+    log = tmp / "simulator.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(NVFLARE), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"],
+            env=env,
+            cwd=tmp,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 300
+            while steps_done(log) < 3:  # fault a site in the middle of pretraining
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            pid = site_worker_pid(workspace, "site-3")
+            assert pid is not None, "no simulator worker process for site-3"
+            fault(pid, log)
+            assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return json.loads((workspace / "server/simulate_job/modalitybank/summary.json").read_text())
+
+
+def test_a_hung_site_is_dropped_and_rejoins(phantom_data, tmp_path):
+    def hang_for_a_while(pid: int, log: Path) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            seen = steps_done(log)
+            deadline = time.time() + 120
+            while steps_done(log) < seen + 3:  # the others train on without it
+                assert time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    summary = run_with_fault(tmp_path, phantom_data, hang_for_a_while)
+    assert summary["steps"] == {"pretrain": TINY["pretrain_steps"], "bank": TINY["bank_steps"]}  # none skipped
+    events = [(m["event"], m["site"]) for m in summary["membership"]]
+    assert events[0] == ("dropped", "site-3") and ("rejoined", "site-3") in events, summary["membership"]
+    dropped_at = next(m["step"] for m in summary["membership"] if m["event"] == "dropped")
+    rejoined_at = next(m["step"] for m in summary["membership"] if m["event"] == "rejoined")
+    assert dropped_at < rejoined_at <= TINY["pretrain_steps"] + TINY["bank_steps"]
+
+
+def test_a_killed_site_is_dropped_and_the_run_finishes_with_the_others(phantom_data, tmp_path):
+    summary = run_with_fault(tmp_path, phantom_data, lambda pid, log: os.kill(pid, signal.SIGKILL))
+    assert summary["steps"] == {"pretrain": TINY["pretrain_steps"], "bank": TINY["bank_steps"]}
+    assert [(m["event"], m["site"]) for m in summary["membership"]] == [("dropped", "site-3")]
+    assert "no answer within" in summary["membership"][0]["reason"]
