@@ -15,12 +15,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmodal.mixmfl.workflow import MixMFLServerConfig
 from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, executable, write_table
 
 CLIENTS = [f"site-{k}" for k in range(1, 7)]
 REGIONS = ("WT", "TC", "ET")
 # rounds x local epochs of every federated method; local-only trains rounds x local epochs epochs.
-BUDGETS = {"quick": {"rounds": 20, "local_epochs": 1}, "paper": {"rounds": 200, "local_epochs": 1}}
+# "quick" is the default job's budget (fedmodal.mixmfl.workflow.MixMFLServerConfig); "paper" the
+# paper's 200 epochs.
+_JOB = MixMFLServerConfig()
+BUDGETS = {
+    "quick": {"rounds": _JOB.num_rounds, "local_epochs": _JOB.local_epochs},
+    "paper": {"rounds": 200, "local_epochs": 1},
+}
 ABLATIONS = {
     "mixmfl": ("MDM-MixMFL", {}),
     "mixmfl-no-tailored": ("w/o tailored updating", {"tailored_updating": False}),
