@@ -193,6 +193,10 @@ class FederatedSegConfig(Settings):
         fedprox_mu: FedProx proximal weight (0 is FedAvg).
         seed: run seed; each site derives its own from it and its name.
         key_metric: the validation metric that picks the best global model.
+        min_responses: sites whose results complete a round (0: every site): with fewer than
+            all, the federation goes on while a hospital is offline.
+        wait_after_min: seconds the remaining sites get once `min_responses` have answered.
+        round_timeout: seconds a round may last at most (0: no limit).
         submit_model_timeout, validation_timeout: cross-site evaluation timeouts (seconds).
     """
 
@@ -201,5 +205,8 @@ class FederatedSegConfig(Settings):
     fedprox_mu: float = 0.0
     seed: int = 0
     key_metric: str = "val_dice"
+    min_responses: int = 0
+    wait_after_min: int = 60
+    round_timeout: int = 0
     submit_model_timeout: int = 600
     validation_timeout: int = 6000

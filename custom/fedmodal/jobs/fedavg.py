@@ -16,7 +16,6 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
     from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
     from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
-    from nvflare.app_common.workflows.fedavg import FedAvg
     from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
     from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
@@ -24,6 +23,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
 
     from fedmodal.baselines.cse import CrossSiteTable
     from fedmodal.baselines.executor import SegExecutor
+    from fedmodal.fl.fedavg import TolerantFedAvg
     from fedmodal.nets.segmentation import NamedSegmentationNet
 
     run, seg = settings["fedavg"], settings["seg"]
@@ -36,7 +36,15 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
     job.to_server(CrossSiteTable(), id="cross_site_table")
     job.to_server(TBAnalyticsReceiver(events=[f"fed.{ANALYTICS_EVENT}"]), id="tb_receiver")
-    fedavg = FedAvg(num_clients=0, num_rounds=run.num_rounds, persistor_id="persistor", fedprox_mu=run.fedprox_mu)
+    fedavg = TolerantFedAvg(
+        num_clients=0,
+        num_rounds=run.num_rounds,
+        persistor_id="persistor",
+        fedprox_mu=run.fedprox_mu,
+        min_responses=run.min_responses,
+        wait_after_min=run.wait_after_min,
+        round_timeout=run.round_timeout,
+    )
     job.to_server(fedavg, id="fedavg")
     cse = CrossSiteModelEval(
         model_locator_id="model_locator",

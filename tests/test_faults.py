@@ -1,5 +1,6 @@
-"""ModalityBank under site faults, in NVFlare's own simulator: a hung site is dropped and
-rejoins, a killed site is dropped and the run finishes with the others; both say so.
+"""Site faults in NVFlare's own simulator: in ModalityBank a hung site is dropped and rejoins,
+a killed site is dropped and the run finishes with the others (both say so); FedAvg finishes
+its rounds with the sites left.
 
 The faults are real: the test stops (SIGSTOP / SIGCONT) or kills (SIGKILL) the simulator's
 worker process of one site, found by its command line under this test's workspace.
@@ -126,3 +127,51 @@ def test_a_killed_site_is_dropped_and_the_run_finishes_with_the_others(phantom_d
     assert summary["steps"] == {"pretrain": TINY["pretrain_steps"], "bank": TINY["bank_steps"]}
     assert [(m["event"], m["site"]) for m in summary["membership"]] == [("dropped", "site-3")]
     assert "no answer within" in summary["membership"][0]["reason"]
+
+
+def test_fedavg_finishes_its_rounds_without_a_killed_site(tmp_path):
+    """jobs/fedavg with min_responses 2 of 3: site-3 is killed during round 1; the remaining
+    rounds complete with two sites, and cross-site evaluation goes on without it."""
+    data = build_federation(tmp_path / "data", shape=(32, 32, 24), cases_per_site=5, test_cases=1)
+    spec = JOBS["fedavg"]
+    values = {
+        "seg.net": "unet2d-wt-tiny",
+        "local_epochs": 1,
+        "batch_size": 4,
+        "samples_per_case": 2,
+        "num_rounds": 3,
+        "min_responses": 2,
+        "wait_after_min": 5,
+        "submit_model_timeout": 20,
+        "validation_timeout": 60,
+    }
+    job = export_job(spec, tmp_path / "jobs", route_settings(spec, values))
+    workspace = tmp_path / "ws"
+    customize_simulator(workspace)
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "simulator.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(NVFLARE), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 300
+            while "Round 1 started." not in log.read_text(errors="replace"):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            pid = site_worker_pid(workspace, "site-3")
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text(errors="replace")
+    assert "Round 2 started." in text and "Finished FedAvg." in text, text[-3000:]
+    assert "Aggregated 2/3 results" in text
+    assert (workspace / "server/simulate_job/app_server/FL_global_model.pt").is_file()
