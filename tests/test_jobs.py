@@ -125,3 +125,19 @@ def test_job_run_in_simenv_needs_no_allow_list_step(tmp_path):
     inventory = json.loads((tmp_path / "ws/site-inventory/server/simulate_job/inventory.json").read_text())
     assert [s["site"] for s in inventory["sites"]] == ["site-1", "site-2", "site-3"]
     assert inventory["failed_sites"] == {}
+
+
+def test_every_job_declares_what_a_site_needs_and_a_gpu_variant_is_one_setting(tmp_path):
+    for name in JOBS:
+        meta = json.loads((COMMITTED / name / "meta.json").read_text())
+        assert meta["resource_spec"] == {"@default": {"num_of_gpus": 0, "num_of_cpus": 1, "memory": "4Gi"}}, name
+    spec = JOBS["modalitybank"]
+    gpu = export_job(spec, tmp_path, route_settings(spec, {"site_gpus": 1, "site_memory": "16Gi"}))
+    meta = json.loads((gpu / "meta.json").read_text())
+    assert meta["resource_spec"]["@default"] == {"num_of_gpus": 1, "num_of_cpus": 1, "memory": "16Gi"}
+    from nvflare.utils.job_launcher_utils import get_resource_manager_spec, validate_portable_resource_spec
+
+    validate_portable_resource_spec(meta["resource_spec"])  # what NVFlare's server checks on submission
+    cpu = json.loads((COMMITTED / "modalitybank" / "meta.json").read_text())
+    # NVFlare drops the 0-GPU request before a site's resource manager sees it: CPU sites schedule it.
+    assert get_resource_manager_spec(cpu, "site-1") == {}

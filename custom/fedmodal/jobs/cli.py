@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         for name, spec in sorted(JOBS.items()):
-            sections = ", ".join(f"{s} ({cls.__name__})" for s, cls in spec.sections.items())
+            sections = ", ".join(f"{s} ({cls.__name__})" for s, cls in spec.all_sections.items())
             print(f"{name}: {spec.description}\n    settings: {sections}")
         return 0
     if args.action == "export":

@@ -21,6 +21,31 @@ APP_PACKAGES = ["fedmodal"]
 
 
 @dataclass
+class ResourceConfig(Settings):
+    """What each site needs, as NVFlare 2.9's portable `resource_spec` fields of meta.json
+    (`@default`, read by every site's resource manager before it accepts the job).
+
+    The defaults fit the CPU default of every job; a GPU federation sets `site_gpus=1` (and
+    the site's resource manager lists its GPUs, see provisioning/README.md). NVFlare drops a
+    0-GPU request before the resource manager sees it, so CPU-only sites schedule it.
+
+    Args:
+        site_gpus: GPUs per site (`num_of_gpus`).
+        site_cpus: CPU cores per site (`num_of_cpus`).
+        site_memory: memory per site (`memory`, e.g. "4Gi").
+    """
+
+    settings_name = "resource"
+
+    site_gpus: int = 0
+    site_cpus: int = 1
+    site_memory: str = "4Gi"
+
+    def resource_spec(self) -> dict[str, dict]:
+        return {"@default": {"num_of_gpus": self.site_gpus, "num_of_cpus": self.site_cpus, "memory": self.site_memory}}
+
+
+@dataclass
 class JobSpec:
     """One job: its name, its settings sections, and how to build it.
 
@@ -41,24 +66,33 @@ class JobSpec:
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     min_clients: int = 2
 
+    @property
+    def all_sections(self) -> dict[str, type[Settings]]:
+        """The job's own sections and "resources" (every job declares what a site needs)."""
+        return {**self.sections, "resources": ResourceConfig}
+
     def settings(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Settings]:
         """Every section's settings: dataclass defaults, then this job's, then `overrides`."""
         overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(self.sections))
+        sections = self.all_sections
+        unknown = sorted(set(overrides) - set(sections))
         if unknown:
-            raise ValueError(f"job {self.name} has no settings section {unknown}; sections: {sorted(self.sections)}")
+            raise ValueError(f"job {self.name} has no settings section {unknown}; sections: {sorted(sections)}")
         return {
             section: cls.from_dict(
                 {**self.defaults.get(section, {}), **overrides.get(section, {})},
                 where=f"job {self.name}, section {section}",
             )
-            for section, cls in self.sections.items()
+            for section, cls in sections.items()
         }
 
     def job(self, overrides: Mapping[str, Mapping[str, Any]] | None = None):
-        """NVFlare's `FedJob` for these settings."""
-        job = self.build(self.name, self.settings(overrides), self.min_clients)
+        """NVFlare's `FedJob` for these settings, its meta.json declaring what each site needs."""
+        settings = self.settings(overrides)
+        job = self.build(self.name, settings, self.min_clients)
         job.set_app_packages(APP_PACKAGES)
+        for site, spec in settings["resources"].resource_spec().items():
+            job.job.add_resource_spec(site, spec)
         return job
 
     def recipe(self, overrides: Mapping[str, Mapping[str, Any]] | None = None):
@@ -80,14 +114,14 @@ def route_settings(spec: JobSpec, values: Mapping[str, Any]) -> dict[str, dict[s
     for key, value in values.items():
         section, dot, name = key.rpartition(".")
         if dot:
-            if section not in spec.sections:
+            if section not in spec.all_sections:
                 raise ValueError(
-                    f"{key!r}: job {spec.name} has no section {section!r}; sections: {sorted(spec.sections)}"
+                    f"{key!r}: job {spec.name} has no section {section!r}; sections: {sorted(spec.all_sections)}"
                 )
-            if name not in spec.sections[section].field_names():
+            if name not in spec.all_sections[section].field_names():
                 raise ValueError(f"{key!r}: section {section!r} of job {spec.name} has no setting {name!r}")
         else:
-            owners = [s for s, cls in spec.sections.items() if name in cls.field_names()]
+            owners = [s for s, cls in spec.all_sections.items() if name in cls.field_names()]
             if len(owners) != 1:
                 where = (
                     f"is in sections {owners}: write SECTION.{name}" if owners else f"is no setting of job {spec.name}"
