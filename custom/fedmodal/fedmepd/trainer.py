@@ -34,6 +34,8 @@ IGNORE = -1  # label of voxels outside the brain or in padding: pooled into no c
 class SegmentationLoss(torch.nn.Module):
     """Weighted cross-entropy + Dice over softmax classes (Dice over the tumour classes, batch-pooled).
 
+    CE = sum over voxels of w[class] * -log p[class], divided by the voxel count.
+
     Args:
         num_classes: softmax classes.
         class_weights: fixed CE weights; empty: 1 - each class's share of the batch (RFNet).
@@ -53,7 +55,9 @@ class SegmentationLoss(torch.nn.Module):
         else:
             share = torch.bincount(target.flatten(), minlength=self.num_classes).to(logits.dtype) / target.numel()
             weight = 1.0 - share
-        return F.cross_entropy(logits, target, weight=weight) + self.dice(logits, label)
+        # Weighted voxel mean (not normalised by the weights): finite when one class fills the batch.
+        ce = F.cross_entropy(logits, target, weight=weight, reduction="sum") / target.numel()
+        return ce + self.dice(logits, label)
 
 
 class FedMEPDTrainer:
@@ -198,7 +202,9 @@ class FedMEPDTrainer:
             yield image[(slice(None), slice(None), *window)], label[(slice(None), *window)]
 
     @torch.no_grad()
-    def fused_features(self, data: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]]) -> dict[str, CaseFeatures]:
+    def fused_features(
+        self, data: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]]
+    ) -> dict[str, CaseFeatures]:
         """Per case, the class means of the fused features at each scale (for the `AnchorBank`).
 
         Args:
