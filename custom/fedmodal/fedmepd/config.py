@@ -104,7 +104,9 @@ class FedMEPDConfig(Settings):
         if len(self.heads) != len(self.channels) or any(c % h for c, h in zip(self.channels, self.heads)):
             raise ValueError(f"heads {self.heads} must divide channels {self.channels} scale by scale")
         if self.class_weights and len(self.class_weights) != N_LABELS:
-            raise ValueError(f"class_weights needs {N_LABELS} values (background, NCR, ED, ET), got {self.class_weights}")
+            raise ValueError(
+                f"class_weights needs {N_LABELS} values (background, NCR, ED, ET), got {self.class_weights}"
+            )
         if not 0.0 <= self.blend_client <= 1.0:
             raise ValueError(f"blend_client must be in [0, 1], got {self.blend_client}")
         if not 0.0 <= self.anchor_ema < 1.0:

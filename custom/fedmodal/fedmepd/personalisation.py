@@ -137,7 +137,9 @@ class FilterCounters:
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         layers = {k[len("counter.") :] for k in state if k.startswith("counter.")}
         if layers != set(self.counters):
-            raise ValueError(f"counter state for layers {sorted(layers)[:3]}... does not fit {sorted(self.counters)[:3]}...")
+            raise ValueError(
+                f"counter state for layers {sorted(layers)[:3]}... does not fit {sorted(self.counters)[:3]}..."
+            )
         self.start, self.warmup_rounds = (int(v) for v in np.asarray(state["config"]))
         for layer in layers:
             self.counters[layer] = np.asarray(state[f"counter.{layer}"], dtype=np.int64).copy()
@@ -237,7 +239,9 @@ def merge_received(local_state: Arrays, received_shared: Arrays, personal: Mappi
         elif received.shape[0] == (~rows).sum() and received.shape[1:] == local.shape[1:]:
             out[~rows] = received
         else:
-            raise ValueError(f"received {key!r} of shape {received.shape} fits neither {local.shape} nor its shared rows")
+            raise ValueError(
+                f"received {key!r} of shape {received.shape} fits neither {local.shape} nor its shared rows"
+            )
         merged[key] = out.astype(local.dtype)
     return merged
 

@@ -125,7 +125,7 @@ class FedMEPDNet(nn.Module):
             for s, f in enumerate(features):
                 scales[s][i] = f * keep
         stacked = []
-        for s, per_modality in enumerate(scales):
+        for per_modality in scales:
             template = next(f for f in per_modality if f is not None)
             stacked.append(torch.stack([torch.zeros_like(template) if f is None else f for f in per_modality], dim=1))
         return stacked
