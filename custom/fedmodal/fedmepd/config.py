@@ -19,20 +19,27 @@ PATCH_DEFAULTS = {2: (96, 96), 3: (32, 32, 32)}
 class FedMEPDConfig(Settings):
     """FedMEPD settings: network, training, anchors, personalisation.
 
-    Measured on this 2-core CPU (one training step, forward + backward + Adam, fused and
-    auxiliary outputs, torch 2.13, 1 thread; "server" = 4 modalities without anchors, "client"
-    = 2 modalities with 16 anchors):
+    Sizes measured on this 2-core CPU (torch 2.13, 1 thread a process; 3D convolutions run on
+    torch's slow_conv3d path here, 2D ones on oneDNN). A: the network alone on random inputs
+    (forward + backward + Adam, fused and auxiliary outputs), machine otherwise quiet (load ~2).
+    B: `FedMEPDTrainer` on the fedmepd phantoms (96x96x62), the machine shared with other jobs
+    (load 6-10), so 3-5x slower. "server" = 4 modalities without anchors, "client" = 2 with anchors.
 
-    | dims | channels          | patch      | batch | server s/step | client s/step |
-    |------|-------------------|------------|-------|---------------|---------------|
-    | 3D   | 8, 16, 32, 64     | 32^3       | 2     | 0.88          | 0.60          |
-    | 3D   | 16, 32, 64, 128   | 32^3       | 2     | see below     | see below     |
-    | 3D   | 8, 16, 32, 64     | 48^3       | 1     | 4.4           | 2.7           |
-    | 3D   | 16, 32, 64, 128   | 48^3       | 1     | 3.9           | 2.6           |
-    | 3D   | 16, 32, 64, 128   | 80^3 (paper)| 1    | 18.8          | 10.1          |
-    | 2D   | 16, 32, 64, 128   | 96^2       | 8     | 1.7           | 1.25          |
-    | 2D   | 16, 32, 64, 128   | 128^2      | 8     | 3.2           | 2.35          |
-    | 2D   | 8, 16, 32, 64     | 96^2       | 8     | 0.80          | 0.61          |
+    | dims | channels        | patch        | batch | A server / client s/step | B server / client s/step | B score s/case |
+    |------|-----------------|--------------|-------|--------------------------|--------------------------|----------------|
+    | 3D   | 8, 16, 32, 64   | 32^3         | 2     | 0.88 / 0.60              | 4.3 / 2.8                | 18.6           |
+    | 3D   | 16, 32, 64, 128 | 32^3         | 2     |                          | 6.1 / 3.2                | 35.7           |
+    | 3D   | 8, 16, 32, 64   | 48^3         | 1     | 4.4 / 2.7                |                          |                |
+    | 3D   | 16, 32, 64, 128 | 48^3         | 1     | 3.9 / 2.6                |                          |                |
+    | 3D   | 16, 32, 64, 128 | 80^3 (paper) | 1     | 18.8 / 10.1              |                          |                |
+    | 2D   | 16, 32, 64, 128 | 96^2         | 8     | 1.7 / 1.25               | 10.0 / 6.9               | 13.5           |
+    | 2D   | 8, 16, 32, 64   | 96^2         | 8     | 0.80 / 0.61              | 5.1 / 3.2                | 9.1            |
+
+    The server's anchor pass over its training loader (patches, no gradient) costs 0.2 s a case
+    (B, default sizes); over whole volumes tiled by patch it costs ~10 s a case, so the job
+    should pool from the loader. Default job budget (A): server epoch 13 steps ~12 s, 8 clients
+    x ~5 steps on 2 cores ~12 s, so ~30 s a round with NVFlare's overhead: 10 rounds and the
+    final scoring (~26 test cases at ~4 s) fit in about 7 minutes on a quiet machine.
 
     Args:
         spatial_dims: 3 (patches, as in the paper) or 2 (axial slices).

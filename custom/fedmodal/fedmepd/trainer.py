@@ -208,8 +208,9 @@ class FedMEPDTrainer:
         """Per case, the class means of the fused features at each scale (for the `AnchorBank`).
 
         Args:
-            data: whole volumes (`fedmodal.baselines.data.load_volumes`; tiled by patch over the
-                brain), or loader batches with "case_id", "image", "avail", "label".
+            data: loader batches with "case_id", "image", "avail", "label" (`train_loader`'s
+                patches: cheap, tumour-biased), or whole volumes (`load_volumes`; tiled by patch
+                over the brain: every voxel, ~50x the cost on a CPU).
 
         Returns:
             case id -> `CaseFeatures` (per scale (num_classes, C_s), and which classes occur).
