@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 from fedmodal.jobs.fedavg import FEDAVG
+from fedmodal.jobs.fedmepd import FEDMEPD
 from fedmodal.jobs.inventory import SITE_INVENTORY
 from fedmodal.jobs.mixmfl import MIXMFL
 from fedmodal.jobs.modalitybank import MODALITYBANK, MODALITYBANK_ASYNDGAN
 from fedmodal.jobs.spec import JobSpec, export_job, parse_overrides
 
 JOBS: dict[str, JobSpec] = {
-    spec.name: spec for spec in (MODALITYBANK, MODALITYBANK_ASYNDGAN, FEDAVG, MIXMFL, SITE_INVENTORY)
+    spec.name: spec for spec in (MODALITYBANK, MODALITYBANK_ASYNDGAN, FEDAVG, FEDMEPD, MIXMFL, SITE_INVENTORY)
 }
 
 __all__ = ["JOBS", "JobSpec", "export_job", "parse_overrides"]

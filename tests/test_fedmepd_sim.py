@@ -1,0 +1,107 @@
+"""jobs/fedmepd in NVFlare's own simulator at a tiny size: a full-modal server and 8 clients;
+personal filters, attention layers and the auxiliary decoder never leave a client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmodal.fl.allow_list import customize_simulator
+from fedmodal.jobs import JOBS
+from fedmodal.jobs.spec import export_job, route_settings
+
+pytestmark = pytest.mark.integration
+
+NVFLARE = Path(sys.executable).with_name("nvflare")
+CLIENTS = [f"site-{k}" for k in range(1, 9)]
+TINY = {
+    "spatial_dims": 2,
+    "channels": [8, 16, 32, 64],
+    "patch_size": [32, 32],
+    "batch_size": 2,
+    "samples_per_case": 2,
+    "warmup_rounds": 0,
+    "counter_start": 1,  # a filter whose update disagrees with the server's once becomes personal
+    "num_rounds": 3,
+    "task_timeout": 900,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from fedmodal.data.phantoms import build_federation
+
+    tmp = tmp_path_factory.mktemp("fedmepd")
+    data = build_federation(tmp / "data", shape=(32, 32, 24), cases_per_site=3, test_cases=1, preset="fedmepd")
+    spec = JOBS["fedmepd"]
+    job = export_job(spec, tmp / "jobs", route_settings(spec, TINY))
+    customize_simulator(tmp / "ws")
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", "8", "-t", "8"],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    federation = json.loads((data / "federation.json").read_text())["sites"]
+    return tmp / "ws", {s: set(federation[s]["modalities"]) for s in CLIENTS}
+
+
+def audit(ws: Path, site: str, direction: str) -> list[dict]:
+    path = ws / site / "simulate_job" / "payload_audit.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["direction"] == direction and r["task"] == "train"]
+
+
+def test_every_client_is_scored_and_the_server_keeps_masks_and_anchors(run):
+    ws, _ = run
+    out = ws / "server" / "simulate_job" / "fedmepd"
+    results = json.loads((out / "per_site.json").read_text())["results"]
+    assert sorted(results) == CLIENTS
+    assert all(0.0 <= results[s]["dice_WT"] <= 1.0 for s in CLIENTS)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["round"] == TINY["num_rounds"]
+    assert sorted(state["state"]["counters"]) == CLIENTS  # the masks survive a restart with the checkpoint
+    assert state["state"]["anchors"]  # and the anchors
+    personal = json.loads((out / "personal_filters.json").read_text())["sites"]
+    assert sum(p["personal_total"] for p in personal.values()) > 0  # counter_start 1: some filters went personal
+
+
+def test_personal_filters_attention_and_aux_never_leave_a_client(run):
+    ws, held = run
+    state = torch.load(ws / "server/simulate_job/fedmepd/checkpoint.pt", weights_only=False)["state"]
+    withheld_anywhere = 0
+    for site in CLIENTS:
+        sent, received = audit(ws, site, "out"), audit(ws, site, "in")
+        assert len(sent) == len(received) == TINY["num_rounds"]
+        withheld_before = 0
+        for got, gave in zip(received, sent):
+            assert not any(k.startswith(("attn.", "aux.")) for k in gave["items"]), site
+            assert {k.split(".")[1] for k in gave["items"] if k.startswith("enc.")} == held[site]
+            withheld = 0
+            for key, item in gave["items"].items():
+                if key.startswith("dec.") and key.endswith(".weight"):
+                    full = got["items"][key]["shape"][0]  # the global decoder arrives whole
+                    layer = key.rsplit(".", 1)[0]
+                    assert gave["items"][f"decrows.{layer}"]["shape"] == [full]
+                    withheld += full - item["shape"][0]  # personal rows are not in the payload at all
+            assert withheld >= withheld_before, "a personal filter is permanent"
+            withheld_before = withheld
+        # What the site withheld in its last round is what the server had made personal by then.
+        final = sum(int(v.sum()) for k, v in state["counters"][site].items() if "personal" in k)
+        assert withheld_before <= final, (site, withheld_before, final)
+        withheld_anywhere += withheld_before
+        for got in received:
+            assert {k.split(".")[1] for k in got["items"] if k.startswith("enc.")} == held[site]
+            anchors = [i for k, i in got["items"].items() if k.startswith("anchor.")]
+            assert anchors and all(i["shape"][0] <= 4 * 4 for i in anchors)  # per-class cluster means
+    assert withheld_anywhere > 0  # the check above is not empty: some rows did stay home
