@@ -8,6 +8,7 @@ import importlib
 # name -> (module, help)
 TABLES = {
     "mixmfl": ("fedmodal.reproduce.mixmfl", "MDM-MixMFL Tables 1 and 3 (per-client mDice, regions, ablations)"),
+    "fedmepd": ("fedmodal.reproduce.fedmepd", "FedMEPD vs FedMEMA vs FedAvg vs local, per client (Dice, HD95)"),
 }
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fedmodal.mixmfl.workflow import MixMFLServerConfig
-from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, executable, write_table
+from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, write_table
+from fedmodal.reproduce.stages import REGIONS, fedavg_stage, keygroup_stage, local_stage
 
 CLIENTS = [f"site-{k}" for k in range(1, 7)]
-REGIONS = ("WT", "TC", "ET")
 # rounds x local epochs of every federated method; local-only trains rounds x local epochs epochs.
 # "quick" is the default job's budget (fedmodal.mixmfl.workflow.MixMFLServerConfig); "paper" the
 # paper's 200 epochs.
@@ -35,7 +35,6 @@ ABLATIONS = {
     "mixmfl-no-triplet": ("w/o triplet loss", {"use_triplet": False}),
     "mixmfl-no-classification": ("w/o classification loss", {"use_classification": False}),
 }
-BASELINE_NET = "unet2d-brats"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,62 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", type=Path, help="the federation (default: the mixmfl phantom preset)")
 
 
-def simulate(rep: Reproduction, folder: Path, job: str, values: dict[str, Any], sites: int = 6) -> Path:
-    """Export `job` with `values` changed and run it in `nvflare simulator`; returns the server's run folder."""
-    from fedmodal.fl.allow_list import customize_simulator
-    from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import export_job, route_settings
-
-    spec = JOBS[job]
-    job_dir = export_job(spec, folder / "job", route_settings(spec, values))
-    customize_simulator(folder / "ws")
-    command = [executable("nvflare"), "simulator", job_dir, "-w", folder / "ws", "-n", str(sites), "-t", str(sites)]
-    rep.command(command, cwd=folder, log=folder / "simulator.log")
-    return folder / "ws" / "server" / "simulate_job"
-
-
 def mixmfl_stage(variant: dict[str, Any], budget: dict[str, int]):
-    def run(folder: Path, rep: Reproduction) -> dict[str, Any]:
-        values = {"num_rounds": budget["rounds"], "local_epochs": budget["local_epochs"], **variant}
-        server = simulate(rep, folder, "mixmfl", values)
-        return json.loads((server / "mixmfl" / "per_site.json").read_text())["results"]
-
-    return run
-
-
-def fedavg_stage(budget: dict[str, int], fedprox_mu: float):
-    def run(folder: Path, rep: Reproduction) -> dict[str, Any]:
-        values = {
-            "num_rounds": budget["rounds"],
-            "local_epochs": budget["local_epochs"],
-            "fedprox_mu": fedprox_mu,
-            "seg.net": BASELINE_NET,
-            "site.preset": "mixmfl",
-        }
-        server = simulate(rep, folder, "fedavg", values)
-        table = json.loads((server / "cross_site_val" / "cross_site_table.json").read_text())
-        # The global model after the last round, on each client's own test split.
-        return {site: models["SRV_FL_global_model.pt"] for site, models in sorted(table.items())}
-
-    return run
-
-
-def local_stage(budget: dict[str, int]):
-    def run(folder: Path, rep: Reproduction) -> dict[str, Any]:
-        results = {}
-        for site in CLIENTS:
-            out = folder / site
-            epochs = budget["rounds"] * budget["local_epochs"]
-            command = [executable("fedmodal"), "train-seg", "--preset", "mixmfl", "--sites", site, "--dims", "2",
-                       "--regions", *REGIONS, "--channels", "16", "32", "64", "128", "256", "--num-res-units", "0",
-                       "--patch-size", "64", "64",
-                       "--epochs", str(epochs), "--val-every", str(max(1, epochs // 4)), "--test", "none",
-                       "--num-threads", "1", "--out", out]  # fmt: skip
-            rep.command(command, cwd=folder, log=folder / f"{site}.log")
-            results[site] = json.loads((out / "results.json").read_text())[f"{site}-test"]
-        return results
-
-    return run
+    values = {"num_rounds": budget["rounds"], "local_epochs": budget["local_epochs"], **variant}
+    return keygroup_stage("mixmfl", "mixmfl/per_site.json", values, sites=len(CLIENTS))
 
 
 def mdice(metrics: dict[str, float]) -> float:
@@ -150,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         for name, (_, variant) in ABLATIONS.items()
     ]
     stages += [
-        Stage("fedavg", fedavg_stage(budget, 0.0), estimate_s=12 * budget["rounds"]),
-        Stage("fedprox", fedavg_stage(budget, 0.01), estimate_s=12 * budget["rounds"]),
-        Stage("local", local_stage(budget), estimate_s=6 * 3 * budget["rounds"]),
+        Stage("fedavg", fedavg_stage(budget, 0.0, "mixmfl", len(CLIENTS)), estimate_s=12 * budget["rounds"]),
+        Stage("fedprox", fedavg_stage(budget, 0.01, "mixmfl", len(CLIENTS)), estimate_s=12 * budget["rounds"]),
+        Stage("local", local_stage(budget, "mixmfl", CLIENTS), estimate_s=6 * 3 * budget["rounds"]),
     ]
     rep = Reproduction(
         args.out, [*stages, Stage("tables", tables_stage, estimate_s=1)], env={"FEDMODAL_DATA_ROOT": str(data)}
