@@ -200,6 +200,7 @@ class FedMEPDController(KeyGroupWorkflow):
         record = {
             "round": round_num + 1,
             "server_loss": round(float(stats.get("loss", float("nan"))), 5),
+            "server_epoch_s": round(float(stats.get("seconds", float("nan"))), 2),
             "personal_filters": counts,
             "anchors": self.bank.summary(),
         }
