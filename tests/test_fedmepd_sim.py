@@ -63,10 +63,14 @@ def audit(ws: Path, site: str, direction: str) -> list[dict]:
 
 
 def test_every_client_is_scored_and_the_server_keeps_masks_and_anchors(run):
-    ws, _ = run
+    ws, held = run
     out = ws / "server" / "simulate_job" / "fedmepd"
-    results = json.loads((out / "per_site.json").read_text())["results"]
+    per_site = json.loads((out / "per_site.json").read_text())
+    results = per_site["results"]
     assert sorted(results) == CLIENTS
+    # Training and scoring name a client the same way (the reference code is off by one here):
+    # each result is the client that trained with exactly its own modalities.
+    assert {s: set(per_site["sites"][s]["modalities"]) for s in CLIENTS} == held
     assert all(0.0 <= results[s]["dice_WT"] <= 1.0 for s in CLIENTS)
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["round"] == TINY["num_rounds"]
@@ -105,3 +109,36 @@ def test_personal_filters_attention_and_aux_never_leave_a_client(run):
             anchors = [i for k, i in got["items"].items() if k.startswith("anchor.")]
             assert anchors and all(i["shape"][0] <= 4 * 4 for i in anchors)  # per-class cluster means
     assert withheld_anywhere > 0  # the check above is not empty: some rows did stay home
+
+
+def test_a_restarted_server_resumes_with_its_masks_and_anchors(run, tmp_path):
+    import shutil
+
+    ws, _ = run
+    saved = tmp_path / "checkpoint.pt"
+    shutil.copy(ws / "server/simulate_job/fedmepd/checkpoint.pt", saved)
+    before = torch.load(saved, weights_only=False)["state"]
+    data = ws.parent / "data"  # the fixture's federation
+    spec = JOBS["fedmepd"]
+    values = {**TINY, "num_rounds": TINY["num_rounds"] + 1, "resume_from": str(saved)}
+    job = export_job(spec, tmp_path / "jobs", route_settings(spec, values))
+    customize_simulator(tmp_path / "ws")
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(NVFLARE), "simulator", str(job), "-w", str(tmp_path / "ws"), "-n", "8", "-t", "8"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"at round {TINY['num_rounds']}" in log  # resumed, not restarted
+    after = torch.load(tmp_path / "ws/server/simulate_job/fedmepd/checkpoint.pt", weights_only=False)
+    assert after["round"] == TINY["num_rounds"] + 1
+    for site, counters in before["counters"].items():
+        for key, personal in counters.items():
+            if key.startswith("personal."):
+                assert (after["state"]["counters"][site][key] >= personal).all()  # no personal filter forgotten
+    assert sorted(after["state"]["anchors"]) == sorted(before["anchors"])
