@@ -141,3 +141,23 @@ def test_every_job_declares_what_a_site_needs_and_a_gpu_variant_is_one_setting(t
     cpu = json.loads((COMMITTED / "modalitybank" / "meta.json").read_text())
     # NVFlare drops the 0-GPU request before a site's resource manager sees it: CPU sites schedule it.
     assert get_resource_manager_spec(cpu, "site-1") == {}
+
+
+def test_poc_kits_get_the_allow_list_before_they_start(tmp_path):
+    """`fedmodal job run NAME --env poc` writes fedmodal's allow-list into every fresh POC kit."""
+    from fedmodal.jobs.poc import customize_poc_kits
+
+    for kit, marker in (
+        ("server", "fed_server.json"),
+        ("site-1", "fed_client.json"),
+        ("admin@nvidia.com", "fed_admin.json"),
+    ):
+        (tmp_path / "example_project/prod_00" / kit / "startup").mkdir(parents=True)
+        (tmp_path / "example_project/prod_00" / kit / "startup" / marker).write_text("{}")
+    local = tmp_path / "example_project/prod_00/site-1/local"
+    local.mkdir()
+    (local / "resources.json.default").write_text(json.dumps({"format_version": 2, "components": []}))
+    written = customize_poc_kits(tmp_path)
+    assert sorted(p.parent.parent.name for p in written) == ["server", "site-1"]  # not the admin kit
+    resources = json.loads((local / "resources.json").read_text())
+    assert "fedmodal." in resources["class_allow_list"] and resources["components"] == []
