@@ -44,6 +44,13 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "evaluate": ("fedmodal.baselines.evaluate", "add_arguments", "run", "score a segmentation model on a test set"),
     "train-seg": ("fedmodal.baselines.local", "add_arguments", "run", "train a segmentation model without federation"),
+    "predict": ("fedmodal.baselines.predict", "add_arguments", "run", "write a segmentation model's BraTS seg files"),
+    "export-bundle": (
+        "fedmodal.baselines.bundle",
+        "add_arguments",
+        "run",
+        "export a segmentation model as a MONAI bundle",
+    ),
 }
 
 
