@@ -25,7 +25,7 @@ workers of the three sites, so the two that hold t2 train; a small generator ngf
 with `fedmodal.metrics.synthesis` (MAE / PSNR / SSIM in the brain), relative to DP off. A short
 run shows the direction and rough size of the cost, not the converged one.
 
-    python benchmarks/bench_leakage.py                 # default grid, about 8 minutes on 2 busy cores
+    python benchmarks/bench_leakage.py                 # default grid: 9 minutes on 2 cores under load 12
     python benchmarks/bench_leakage.py --visits 30 --cost-steps 30 --cost off "clip=0.01,noise=0.5"
 """
 
@@ -54,12 +54,14 @@ LEAK_GRID = [
     "clip=0.01",
     "clip=0.01,noise=0.1",
     "clip=0.01,noise=0.5",
+    "clip=0.01,noise=1",
     "clip=0.01,noise=2",
     "clip=0.001,noise=0.5",
     "clip=0.1,noise=0.5",
+    "clip=1,noise=0.5",  # the README's example site file
     "l1=0",
 ]
-COST_GRID = ["off", "clip=0.01", "clip=0.01,noise=0.1", "clip=0.01,noise=0.5", "l1=0"]
+COST_GRID = ["off", "clip=0.01,noise=0.5", "clip=0.01,noise=2", "l1=0"]
 
 
 def adversary(spec: str):
@@ -312,7 +314,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=4, help="sample keys attacked (one per case)")
     parser.add_argument("--visits", type=int, default=100, help="visits of each key (1, 10, 100 are scored)")
-    parser.add_argument("--cost-steps", type=int, default=60, help="steps of each central cost run")
+    parser.add_argument("--cost-steps", type=int, default=40, help="steps of each central cost run")
     parser.add_argument("--leak", nargs="+", default=LEAK_GRID, help='settings: "off" or "clip=C,noise=S,l1=L"')
     parser.add_argument("--cost", nargs="+", default=COST_GRID, help="settings of the cost runs (off is always run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
