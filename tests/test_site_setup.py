@@ -61,3 +61,29 @@ def test_bad_site_settings_are_refused_by_name():
         SiteConfig.from_dict({"dataroot": "/x"})
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         prepare_site("site-1", SiteConfig(data_root="/no/such/folder"), run_seed=0)
+
+
+def test_a_site_file_bound_on_visits_per_key_refuses_the_step_over_it(federation, tmp_path):
+    """`"max_visits_per_key"` in a site's file: the worker answers each (slice, modality) at most
+    that often (benchmarks/bench_leakage.py: ten visits reconstruct a slice without DP)."""
+    from fedmodal.modalitybank.central import build_workers
+    from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
+    from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
+
+    (federation / "site-1" / "fedmodal_site.json").write_text(json.dumps({"max_visits_per_key": 1}))
+    try:
+        generator = GeneratorConfig(image_size=32, ngf=8, n_blocks=2, batch_size=64, pretrain_steps=3, bank_steps=0)
+        workers = build_workers(
+            {"site-1": federation / "site-1"}, generator, tmp_path,
+            site=BankSiteConfig(split="all"), adversary=AdversaryConfig(ndf=8, n_layers=2),
+        )  # fmt: skip
+    finally:
+        (federation / "site-1" / "fedmodal_site.json").unlink()
+    worker = workers["site-1"]
+    sites = [SiteState.from_registration("site-1", worker.registration())]
+    import numpy as np
+
+    coordinator = StepCoordinator(GeneratorTrainer(resolve_config(generator, sites)), sites, np.random.default_rng(0))
+    payload = coordinator.step_payloads()["site-1"]  # a batch larger than the site: keys repeat
+    with pytest.raises(Exception, match="visit"):
+        worker.step(payload)

@@ -171,6 +171,13 @@ class AdversaryConfig(Settings):
     dp_clip: float = 0.0
     dp_noise: float = 0.0
 
+    def __post_init__(self):
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise ValueError(
+                f"dp_noise {self.dp_noise} needs dp_clip > 0: the noise is dp_noise x dp_clip per sample, so without "
+                "a clip the site would add none and its gradients would leave as they are (set dp_clip too)"
+            )
+
 
 @dataclass
 class BankSiteConfig(SiteConfig):

@@ -100,6 +100,7 @@ class ModalityBankExecutor(Executor):
             config,
             out_dir=run_dir / "modalitybank",
             state_dir=self._state_root(fl_ctx) / name / str(config[P.RUN_ID]),
+            visit_ledger=self._state_root(fl_ctx) / name / "visits.json",  # lasts across runs and jobs
         )
         adversary = worker.adversary.config
         self.log_info(

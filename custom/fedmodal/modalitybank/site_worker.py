@@ -178,11 +178,15 @@ def build_site_worker(
     registration: dict,
     out_dir: str | Path,
     state_dir: str | Path | None = None,
+    visit_ledger: str | Path | None = None,
 ) -> SiteWorker:
     """A site's worker from its prepared data and the server's registration settings.
 
     The site's `fedmodal_site.json` policy applies here, wherever the site runs: "share_masks":
-    false wins over the job, and its `dp_clip` / `dp_noise` raise the job's.
+    false wins over the job, its `dp_clip` / `dp_noise` raise the job's, and its
+    "max_visits_per_key" bounds the gradients returned per (sample key, modality) over every
+    run that shares `visit_ledger` (`fedmodal.modalitybank.leakage.VisitBudget`); a step over
+    the bound is refused.
 
     Args:
         site: a `fedmodal.fl.site.PreparedSite`.
@@ -202,7 +206,7 @@ def build_site_worker(
         cases, size=int(registration["image_size"]), slices=registration["slices"], et_label=manifest.et_label
     )
     dp_clip, dp_noise = site.dp(adversary.dp_clip, adversary.dp_noise)
-    return SiteWorker(
+    worker = SiteWorker(
         site.name,
         dataset,
         manifest.modalities,
@@ -214,3 +218,8 @@ def build_site_worker(
         device=site.device,
         state_dir=state_dir,
     )
+    if site.policy.get("max_visits_per_key"):
+        from fedmodal.modalitybank.leakage import BudgetedWorker, VisitBudget
+
+        return BudgetedWorker(worker, VisitBudget(int(site.policy["max_visits_per_key"]), path=visit_ledger))
+    return worker
