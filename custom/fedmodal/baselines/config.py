@@ -15,6 +15,16 @@ from typing import Any
 from fedmodal.config import Settings
 
 LOSSES = ("dicece", "dicefocal")
+# The fields `fedmodal.baselines.data.train_loader` reads to draw training samples.
+SAMPLING_FIELDS = (
+    "spatial_dims",
+    "patch_size",
+    "batch_size",
+    "samples_per_case",
+    "tumour_probability",
+    "augment",
+    "cache",
+)
 # The fields that fix the network (a net preset sets them all); the rest is training and inference.
 NET_FIELDS = ("spatial_dims", "regions", "arch", "channels", "num_res_units", "dropout", "mask_channels", "patch_size")
 PRECISIONS = ("fp32", "bf16")
@@ -210,3 +220,9 @@ class FederatedSegConfig(Settings):
     round_timeout: int = 0
     submit_model_timeout: int = 600
     validation_timeout: int = 6000
+
+
+def sampling_config(settings: Any, regions: Sequence[str]) -> SegConfig:
+    """A `SegConfig` carrying another method's sampling settings (`SAMPLING_FIELDS`), for
+    `fedmodal.baselines.data.train_loader`."""
+    return SegConfig(regions=tuple(regions), **{f: getattr(settings, f) for f in SAMPLING_FIELDS})

@@ -283,3 +283,22 @@ def drop_modalities(avail: torch.Tensor, probability: float, generator: torch.Ge
             pick = held[torch.randint(len(held), (1,), generator=generator)]
             out[b, pick] = True
     return out
+
+
+def site_training_data(name: str, site_config, run_seed: int, sampling: SegConfig):
+    """A site's data for a federated method: (prepared site, SiteData, training loader).
+
+    The one set-up of `fedmodal.fl.site.prepare_site` (data root, site file, manifest, seed,
+    device), then the training split's loader with `sampling`'s settings.
+
+    Raises:
+        ValueError: the site has no training case.
+    """
+    from fedmodal.fl.site import prepare_site
+
+    site = prepare_site(name, site_config, run_seed)
+    data = site_data(site.manifest)
+    train = data.cases("train")
+    if not train:
+        raise ValueError(f"site {name}: no training case under {site.root}")
+    return site, data, train_loader(train, sampling, site.seed)

@@ -131,15 +131,6 @@ class FedMEPDConfig(Settings):
 
     def seg_config(self):
         """The baselines' `SegConfig` with this sampling, for `fedmodal.baselines.data.train_loader`."""
-        from fedmodal.baselines.config import SegConfig
+        from fedmodal.baselines.config import sampling_config
 
-        return SegConfig(
-            spatial_dims=self.spatial_dims,
-            regions=REGIONS,
-            patch_size=self.patch_size,
-            batch_size=self.batch_size,
-            samples_per_case=self.samples_per_case,
-            tumour_probability=self.tumour_probability,
-            augment=self.augment,
-            cache=self.cache,
-        )
+        return sampling_config(self, REGIONS)

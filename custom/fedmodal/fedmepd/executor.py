@@ -19,7 +19,7 @@ from fedmodal.fedmepd.config import FedMEPDConfig
 from fedmodal.fedmepd.personalisation import merge_received, split_payload
 from fedmodal.fedmepd.workflow import ANCHOR_PREFIX, DECODER, PERSONAL_PREFIX, ROWS_PREFIX
 from fedmodal.fl.keygroup_workflow import KeyGroupExecutor
-from fedmodal.fl.site import SiteConfig, prepare_site
+from fedmodal.fl.site import SiteConfig
 
 STATE_DIR = "fedmepd_state"  # in the site's NVFlare workspace
 
@@ -47,18 +47,16 @@ class FedMEPDExecutor(KeyGroupExecutor):
         self.personal: dict[str, np.ndarray] = {}
 
     def setup(self, config: dict, fl_ctx: FLContext) -> tuple[tuple[str, ...], int]:
-        from fedmodal.baselines.data import load_volumes, site_data, train_loader
+        from fedmodal.baselines.data import load_volumes, site_training_data
         from fedmodal.fedmepd.trainer import FedMEPDTrainer
 
         name = fl_ctx.get_identity_name()
         self.cfg = FedMEPDConfig.from_dict(config["fedmepd"], where="the server's fedmepd settings")
         self.local_epochs = int(config["local_epochs"])
-        site = prepare_site(name, self.site_config, int(config["seed"]))
-        self.data = site_data(site.manifest)
+        site, self.data, self.loader = site_training_data(
+            name, self.site_config, int(config["seed"]), self.cfg.seg_config()
+        )
         train = self.data.cases("train")
-        if not train:
-            raise ValueError(f"site {name}: no training case under {site.root}")
-        self.loader = train_loader(train, self.cfg.seg_config(), site.seed)
         self._load_volumes = load_volumes
         self.test_volumes = None
         self.trainer = FedMEPDTrainer(self.cfg, self.data.modalities, device=site.device, seed=site.seed)

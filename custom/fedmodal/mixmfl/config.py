@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedmodal.baselines.config import PRECISIONS, SegConfig
+from fedmodal.baselines.config import PRECISIONS, SegConfig, sampling_config
 from fedmodal.config import Settings
 
 # CPU-sized defaults per dimensionality (see `MixMFLConfig` for the measurements behind them).
@@ -139,16 +139,7 @@ class MixMFLConfig(Settings):
 
     def loader_config(self) -> SegConfig:
         """The sampling settings in the form `fedmodal.baselines.data.train_loader` reads."""
-        return SegConfig(
-            spatial_dims=self.spatial_dims,
-            regions=self.regions,
-            patch_size=self.patch_size,
-            batch_size=self.batch_size,
-            samples_per_case=self.samples_per_case,
-            tumour_probability=self.tumour_probability,
-            augment=self.augment,
-            cache=self.cache,
-        )
+        return sampling_config(self, self.regions)
 
     @property
     def loss_weights(self) -> tuple[float, float]:

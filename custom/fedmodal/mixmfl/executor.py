@@ -15,7 +15,7 @@ from pathlib import Path
 from nvflare.apis.fl_context import FLContext
 
 from fedmodal.fl.keygroup_workflow import KeyGroupExecutor
-from fedmodal.fl.site import SiteConfig, prepare_site
+from fedmodal.fl.site import SiteConfig
 from fedmodal.mixmfl.config import MixMFLConfig
 from fedmodal.mixmfl.workflow import MEMORY_PREFIX, memory_from_payload
 from fedmodal.nets.mixmfl import key_group
@@ -38,18 +38,16 @@ class MixMFLExecutor(KeyGroupExecutor):
         self.memory = None
 
     def setup(self, config: dict, fl_ctx: FLContext) -> tuple[tuple[str, ...], int]:
-        from fedmodal.baselines.data import load_volumes, site_data, train_loader
+        from fedmodal.baselines.data import load_volumes, site_training_data
         from fedmodal.mixmfl.trainer import MixMFLTrainer
 
         name = fl_ctx.get_identity_name()
         self.cfg = MixMFLConfig.from_dict(config["mixmfl"], where="the server's mixmfl settings")
         self.local_epochs = int(config["local_epochs"])
-        site = prepare_site(name, self.site_config, int(config["seed"]))
-        self.data = site_data(site.manifest)
+        site, self.data, self.loader = site_training_data(
+            name, self.site_config, int(config["seed"]), self.cfg.loader_config()
+        )
         train = self.data.cases("train")
-        if not train:
-            raise ValueError(f"site {name}: no training case under {site.root}")
-        self.loader = train_loader(train, self.cfg.loader_config(), site.seed)
         self.test_volumes = None
         self._load_volumes = load_volumes
         self.trainer = MixMFLTrainer(self.cfg, self.data.modalities, device=site.device, seed=site.seed)
