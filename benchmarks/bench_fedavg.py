@@ -35,11 +35,9 @@ TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 def job_settings(**values) -> dict:
     """jobs/fedavg's settings by section (fedmodal.jobs), with `values` changed."""
-    from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import route_settings
+    from fedmodal.jobs import job_settings as settings_of
 
-    spec = JOBS["fedavg"]
-    return spec.settings(route_settings(spec, values))
+    return settings_of("fedavg", **values)
 
 
 # ----------------------------------------------------------------------------- no federation

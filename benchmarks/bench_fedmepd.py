@@ -25,11 +25,10 @@ CLIENTS = [f"site-{k}" for k in range(1, 9)]
 
 
 def job_settings(**values) -> dict:
-    from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import route_settings
+    """jobs/fedmepd's settings by section (fedmodal.jobs), with `values` changed."""
+    from fedmodal.jobs import job_settings as settings_of
 
-    spec = JOBS["fedmepd"]
-    return spec.settings(route_settings(spec, values))
+    return settings_of("fedmepd", **values)
 
 
 def worker(site: str, root: Path, rounds: int) -> dict:

@@ -24,12 +24,10 @@ SITES = [f"site-{k}" for k in range(1, 7)]
 
 
 def job_settings(**values) -> dict:
-    """jobs/mixmfl's settings by section, with `values` changed."""
-    from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import route_settings
+    """jobs/mixmfl's settings by section (fedmodal.jobs), with `values` changed."""
+    from fedmodal.jobs import job_settings as settings_of
 
-    spec = JOBS["mixmfl"]
-    return spec.settings(route_settings(spec, values))
+    return settings_of("mixmfl", **values)
 
 
 def site_worker(site: str, root: Path, rounds: int) -> dict:

@@ -29,11 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def job_settings(**values) -> dict:
     """jobs/modalitybank's settings by section (fedmodal.jobs), with `values` changed."""
-    from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import route_settings
+    from fedmodal.jobs import job_settings as settings_of
 
-    spec = JOBS["modalitybank"]
-    return spec.settings(route_settings(spec, values))
+    return settings_of("modalitybank", **values)
 
 
 WARMUP_STEPS = 3  # the first steps of a phase pay one-off costs (allocation, lazy layers): not timed

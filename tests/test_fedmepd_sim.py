@@ -4,21 +4,15 @@ personal filters, attention layers and the auxiliary decoder never leave a clien
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedmodal.fl.allow_list import customize_simulator
-from fedmodal.jobs import JOBS
-from fedmodal.jobs.spec import export_job, route_settings
+from sim import read_audit, run_job, site_modalities
 
 pytestmark = pytest.mark.integration
 
-NVFLARE = Path(sys.executable).with_name("nvflare")
 CLIENTS = [f"site-{k}" for k in range(1, 9)]
 TINY = {
     "spatial_dims": 2,
@@ -39,27 +33,12 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("fedmepd")
     data = build_federation(tmp / "data", shape=(32, 32, 24), cases_per_site=3, test_cases=1, preset="fedmepd")
-    spec = JOBS["fedmepd"]
-    job = export_job(spec, tmp / "jobs", route_settings(spec, TINY))
-    customize_simulator(tmp / "ws")
-    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", "8", "-t", "8"],
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    federation = json.loads((data / "federation.json").read_text())["sites"]
-    return tmp / "ws", {s: set(federation[s]["modalities"]) for s in CLIENTS}
+    ws, _ = run_job("fedmepd", TINY, tmp, data, sites=8, timeout=1500)
+    return ws, site_modalities(data, CLIENTS)
 
 
 def audit(ws: Path, site: str, direction: str) -> list[dict]:
-    path = ws / site / "simulate_job" / "payload_audit.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["direction"] == direction and r["task"] == "train"]
+    return [r for r in read_audit(ws, site) if r["direction"] == direction and r["task"] == "train"]
 
 
 def test_every_client_is_scored_and_the_server_keeps_masks_and_anchors(run):
@@ -119,21 +98,8 @@ def test_a_restarted_server_resumes_with_its_masks_and_anchors(run, tmp_path):
     shutil.copy(ws / "server/simulate_job/fedmepd/checkpoint.pt", saved)
     before = torch.load(saved, weights_only=False)["state"]
     data = ws.parent / "data"  # the fixture's federation
-    spec = JOBS["fedmepd"]
     values = {**TINY, "num_rounds": TINY["num_rounds"] + 1, "resume_from": str(saved)}
-    job = export_job(spec, tmp_path / "jobs", route_settings(spec, values))
-    customize_simulator(tmp_path / "ws")
-    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [str(NVFLARE), "simulator", str(job), "-w", str(tmp_path / "ws"), "-n", "8", "-t", "8"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    _, log = run_job("fedmepd", values, tmp_path, data, sites=8, timeout=1500)
     assert f"at round {TINY['num_rounds']}" in log  # resumed, not restarted
     after = torch.load(tmp_path / "ws/server/simulate_job/fedmepd/checkpoint.pt", weights_only=False)
     assert after["round"] == TINY["num_rounds"] + 1

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from fedmodal.fl.allow_list import customize_simulator
-from fedmodal.jobs import JOBS
-from fedmodal.jobs.spec import export_job, route_settings
 from fedmodal.nets.mixmfl import key_group
+from sim import read_audit, run_job, site_modalities
 
 pytestmark = pytest.mark.integration
 
-NVFLARE = Path(sys.executable).with_name("nvflare")
 SITES = [f"site-{k}" for k in range(1, 7)]
 TINY = {
     "features": [4, 8, 16],
@@ -37,26 +30,11 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("mixmfl")
     data = build_federation(tmp / "data", shape=(32, 32, 24), cases_per_site=4, test_cases=1, preset="mixmfl")
-    spec = JOBS["mixmfl"]
-    job = export_job(spec, tmp / "jobs", route_settings(spec, TINY))
-    customize_simulator(tmp / "ws")
-    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", "6", "-t", "6"],
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    federation = json.loads((data / "federation.json").read_text())["sites"]
-    return tmp / "ws", {s: set(federation[s]["modalities"]) for s in SITES}
+    ws, _ = run_job("mixmfl", TINY, tmp, data, sites=6, timeout=900)
+    return ws, site_modalities(data, SITES)
 
 
-def audit(ws: Path, site: str) -> list[dict]:
-    path = ws / site / "simulate_job" / "payload_audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+audit = read_audit
 
 
 def test_the_job_finishes_and_scores_every_site_on_its_own_test_split(run):

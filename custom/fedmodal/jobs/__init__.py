@@ -19,4 +19,13 @@ JOBS: dict[str, JobSpec] = {
     spec.name: spec for spec in (MODALITYBANK, MODALITYBANK_ASYNDGAN, FEDAVG, FEDMEPD, MIXMFL, SITE_INVENTORY)
 }
 
-__all__ = ["JOBS", "JobSpec", "export_job", "parse_overrides"]
+
+def job_settings(name: str, **values) -> dict:
+    """A job's settings by section, with `values` changed (keys as `--set` takes them)."""
+    from fedmodal.jobs.spec import route_settings
+
+    spec = JOBS[name]
+    return spec.settings(route_settings(spec, values))
+
+
+__all__ = ["JOBS", "JobSpec", "export_job", "job_settings", "parse_overrides"]

@@ -1,0 +1,46 @@
+"""Shared by the simulator tests: export a job with changed settings, run `nvflare simulator`, read audits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fedmodal.fl.allow_list import customize_simulator
+from fedmodal.jobs import JOBS
+from fedmodal.jobs.spec import export_job, route_settings
+
+NVFLARE = Path(sys.executable).with_name("nvflare")
+
+
+def run_job(name: str, values: dict, tmp: Path, data: Path, sites: int, timeout: float) -> tuple[Path, str]:
+    """Run job `name` with `values` in the simulator under `tmp` on `data`; (workspace, log). Asserts success."""
+    spec = JOBS[name]
+    job = export_job(spec, tmp / "jobs", route_settings(spec, values))
+    customize_simulator(tmp / "ws")
+    env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(sites)],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return tmp / "ws", log
+
+
+def read_audit(ws: Path, site: str) -> list[dict]:
+    """A site's payload audit records."""
+    path = ws / site / "simulate_job" / "payload_audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def site_modalities(data: Path, sites) -> dict[str, set[str]]:
+    """The modalities each phantom site holds, from its federation.json."""
+    federation = json.loads((data / "federation.json").read_text())["sites"]
+    return {s: set(federation[s]["modalities"]) for s in sites}
