@@ -26,7 +26,17 @@ SAMPLING_FIELDS = (
     "cache",
 )
 # The fields that fix the network (a net preset sets them all); the rest is training and inference.
-NET_FIELDS = ("spatial_dims", "regions", "arch", "channels", "num_res_units", "dropout", "mask_channels", "patch_size")
+NET_FIELDS = (
+    "spatial_dims",
+    "regions",
+    "arch",
+    "channels",
+    "num_res_units",
+    "dropout",
+    "mask_channels",
+    "patch_size",
+    "output_prior",
+)
 PRECISIONS = ("fp32", "bf16")
 
 # Defaults per dimensionality: the network is the dimension's preset (fedmodal.nets.segmentation),
@@ -58,6 +68,8 @@ class SegConfig(Settings):
         num_res_units: residual units per level ("unet").
         dropout: network dropout.
         mask_channels: feed the availability mask as four extra input channels.
+        output_prior: initial foreground probability of each region's sigmoid (0: MONAI's
+            initialisation; see `fedmodal.nets.output_prior`).
         loss: "dicece" (Dice + BCE) or "dicefocal" (Dice + focal).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
@@ -86,6 +98,7 @@ class SegConfig(Settings):
     num_res_units: int = -1
     dropout: float = 0.0
     mask_channels: bool = True
+    output_prior: float = 0.0
     loss: str = "dicece"
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -160,6 +173,7 @@ class SegConfig(Settings):
             "num_res_units": self.num_res_units,
             "dropout": self.dropout,
             "roi_size": list(self.patch_size),
+            "output_prior": self.output_prior,
         }
 
     @classmethod
@@ -173,6 +187,7 @@ class SegConfig(Settings):
             "num_res_units": int(net_args.get("num_res_units", -1)),
             "dropout": float(net_args.get("dropout", 0.0)),
             "mask_channels": bool(net_args.get("mask_channels", True)),
+            "output_prior": float(net_args.get("output_prior", 0.0)),
         }
         if net_args.get("roi_size"):
             values["patch_size"] = tuple(net_args["roi_size"])

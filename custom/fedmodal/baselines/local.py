@@ -90,6 +90,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net channels per level")
     group.add_argument("--num-res-units", type=int, default=-1, help="residual units per level (unet)")
     group.add_argument("--patch-size", type=int, nargs="+", default=None, help="training slice/patch size")
+    group.add_argument(
+        "--output-prior",
+        type=float,
+        default=0.0,
+        help="initial foreground probability of each region's sigmoid (default 0: MONAI's initialisation)",
+    )
     group.add_argument("--batch-size", type=int, default=0, help="slices or patches per step")
     group.add_argument("--samples-per-case", type=int, default=0, help="slices or patches per case per epoch")
     group.add_argument("--loss", default="dicece", choices=["dicece", "dicefocal"], help="default dicece")
@@ -120,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> SegConfig:
         channels=tuple(args.channels or ()),
         num_res_units=args.num_res_units,
         patch_size=tuple(args.patch_size or ()),
+        output_prior=args.output_prior,
         batch_size=args.batch_size,
         samples_per_case=args.samples_per_case,
         loss=args.loss,

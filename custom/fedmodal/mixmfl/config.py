@@ -58,6 +58,9 @@ class MixMFLConfig(Settings):
         lambda_triplet: weight of the entropy triplet loss (1e-4 in the paper).
         triplet_margin: the triplet loss's margin (in nats of entropy).
         grl_lambda: gradient-reversal factor on the shared features' classification.
+        output_prior: initial foreground probability of each region's sigmoid (0: the layers'
+            default). Measured on mixmfl site-1 trained alone: mDice 0.05 after 30 epochs with
+            0, 0.59 after 10 with 0.05 (`fedmodal.nets.output_prior`).
         kmeans_k: cluster centres written per modality and local epoch.
         min_cluster_size: fewest samples a prototype may average; smaller clusters are dropped.
         memory_capacity: prototypes kept per modality (200 in the paper).
@@ -90,6 +93,7 @@ class MixMFLConfig(Settings):
     lambda_triplet: float = 1e-4
     triplet_margin: float = 1.0
     grl_lambda: float = 1.0
+    output_prior: float = 0.05
     kmeans_k: int = 4
     min_cluster_size: int = 5
     memory_capacity: int = 200
@@ -135,6 +139,7 @@ class MixMFLConfig(Settings):
             "features": list(self.features),
             "regions": list(self.regions),
             "grl_lambda": self.grl_lambda,
+            "output_prior": self.output_prior,
         }
 
     def loader_config(self) -> SegConfig:

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedmodal import MODALITIES
 from fedmodal.metrics import REGIONS
+from fedmodal.nets.output_prior import apply_output_prior
 
 TAILORED_PREFIX = "enc.{modality}."
 SHARED_PREFIXES = ("enc.shared.", "fuse.", "cls.", "dec.")
@@ -187,6 +188,8 @@ class MixMFLNet(nn.Module):
         regions: output channels, a subset of ("WT", "TC", "ET") in that order.
         modalities: the slots, in canonical order; input channel k is modality k.
         grl_lambda: the gradient-reversal factor for the shared features' classification.
+        output_prior: initial foreground probability of each region's sigmoid
+            (`fedmodal.nets.output_prior`); 0 keeps the default initialisation.
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class MixMFLNet(nn.Module):
         regions: Sequence[str] = ("WT", "TC", "ET"),
         modalities: Sequence[str] = MODALITIES,
         grl_lambda: float = 1.0,
+        output_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -208,7 +212,7 @@ class MixMFLNet(nn.Module):
         if len(features) < 2:
             raise ValueError(f"features needs at least two levels, got {features}")
         self.spatial_dims, self.regions, self.modalities, self.features = spatial_dims, regions, modalities, features
-        self.grl_lambda = float(grl_lambda)
+        self.grl_lambda, self.output_prior = float(grl_lambda), float(output_prior)
         bottleneck = features[-1]
         self.enc = nn.ModuleDict({m: Encoder(spatial_dims, features) for m in (*modalities, "shared")})
         self.fuse = UnetBasicBlock(spatial_dims, 2 * bottleneck, bottleneck, kernel_size=3, stride=1, norm_name=NORM)
@@ -216,6 +220,8 @@ class MixMFLNet(nn.Module):
             nn.Linear(bottleneck, bottleneck), nn.LeakyReLU(0.01), nn.Linear(bottleneck, len(modalities))
         )
         self.dec = Decoder(spatial_dims, features, len(regions), len(modalities))
+        if self.output_prior:
+            apply_output_prior(self.dec, len(regions), self.output_prior)
 
     @property
     def divisor(self) -> int:
@@ -230,6 +236,7 @@ class MixMFLNet(nn.Module):
             "regions": list(self.regions),
             "modalities": list(self.modalities),
             "grl_lambda": self.grl_lambda,
+            "output_prior": self.output_prior,
         }
 
     def _check_present(self, images: torch.Tensor, present: Sequence[str]) -> tuple[str, ...]:

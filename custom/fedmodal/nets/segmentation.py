@@ -15,6 +15,7 @@ from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
 from fedmodal.brats import REGIONS
+from fedmodal.nets.output_prior import apply_output_prior
 
 ARCHITECTURES = ("unet", "basicunet")
 
@@ -32,7 +33,8 @@ SEGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
         "roi_size": [96, 96],
     },
-    # The 2D WT/TC/ET U-Net of the MixMFL / FedMEPD comparisons (about MixMFLNet's size and patch).
+    # The 2D WT/TC/ET U-Net of the MixMFL / FedMEPD comparisons (about MixMFLNet's size and patch,
+    # and its output prior, so the few-case sites do not spend the budget unlearning p = 0.5).
     "unet2d-brats": {
         "spatial_dims": 2,
         "regions": ["WT", "TC", "ET"],
@@ -43,6 +45,7 @@ SEGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
         "num_res_units": 0,
         "dropout": 0.0,
         "roi_size": [64, 64],
+        "output_prior": 0.05,
     },
     # A tiny 2D U-Net for smoke tests and CI on 32x32 slices (not for results).
     "unet2d-wt-tiny": {
@@ -95,6 +98,8 @@ class SegmentationNet(nn.Module):
         dropout: dropout probability.
         roi_size: the patch or slice size the network is trained on, used as the sliding
             window at inference (None: whole input). Recorded here so it travels with the weights.
+        output_prior: start every region's sigmoid at this foreground probability
+            (`fedmodal.nets.output_prior`); 0 keeps MONAI's initialisation.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class SegmentationNet(nn.Module):
         num_res_units: int = 0,
         dropout: float = 0.0,
         roi_size: Sequence[int] | None = None,
+        output_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -135,6 +141,7 @@ class SegmentationNet(nn.Module):
             "num_res_units": int(num_res_units),
             "dropout": float(dropout),
             "roi_size": [int(s) for s in roi_size] if roi_size is not None else None,
+            "output_prior": float(output_prior),
         }
         if arch == "unet":
             self.net = UNet(
@@ -157,6 +164,8 @@ class SegmentationNet(nn.Module):
                 features=tuple(channels),
                 dropout=dropout,
             )
+        if output_prior:
+            apply_output_prior(self.net, len(regions), output_prior)
 
     @property
     def divisor(self) -> int:

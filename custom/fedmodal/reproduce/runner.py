@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -73,7 +74,10 @@ class Reproduction:
             self._progress(i, stage, "running", started)
             t0 = time.time()
             summary = stage.run(folder, self)
-            summary = {**summary, "seconds": round(time.time() - t0, 1)}
+            # ru_maxrss of the reaped children (KiB on Linux): the largest process so far in this run,
+            # which for the first stage is the stage's own peak.
+            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            summary = {**summary, "seconds": round(time.time() - t0, 1), "largest_process_mb_so_far": round(peak_mb)}
             write_json_atomically(done, summary)
             results[stage.name] = summary
             self._progress(i, stage, f"done in {summary['seconds']:.0f} s", started)

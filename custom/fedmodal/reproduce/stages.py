@@ -60,16 +60,20 @@ def fedavg_stage(budget: dict[str, int], fedprox_mu: float, preset: str, sites: 
 
 
 def local_stage(budget: dict[str, int], preset: str, clients: Sequence[str]):
-    """`fedmodal train-seg` on each client alone, scored on its own test split."""
+    """`fedmodal train-seg` on each client alone (the comparisons' U-Net), scored on its own test split."""
+    from fedmodal.nets.segmentation import preset_net_args
+
+    net = preset_net_args(BASELINE_NET)
+    net_flags = ["--dims", str(net["spatial_dims"]), "--regions", *net["regions"],
+                 "--channels", *map(str, net["channels"]), "--num-res-units", str(net["num_res_units"]),
+                 "--patch-size", *map(str, net["roi_size"]), "--output-prior", str(net.get("output_prior", 0.0))]  # fmt: skip
 
     def run(folder: Path, rep: Reproduction) -> dict[str, Any]:
         results = {}
         epochs = budget["rounds"] * budget["local_epochs"]
         for site in clients:
             out = folder / site
-            command = [executable("fedmodal"), "train-seg", "--preset", preset, "--sites", site, "--dims", "2",
-                       "--regions", *REGIONS, "--channels", "16", "32", "64", "128", "256", "--num-res-units", "0",
-                       "--patch-size", "64", "64",
+            command = [executable("fedmodal"), "train-seg", "--preset", preset, "--sites", site, *net_flags,
                        "--epochs", str(epochs), "--val-every", str(max(1, epochs // 4)), "--test", "none",
                        "--num-threads", "1", "--out", out]  # fmt: skip
             rep.command(command, cwd=folder, log=folder / f"{site}.log")
