@@ -59,3 +59,31 @@ def test_cli_and_explicit_slice(fed, tmp_path, capsys):
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no BraTS"):
         montage.montage(tmp_path, tmp_path / "x.png")
+
+
+def _orange(panel: np.ndarray) -> int:
+    r, g, b = (panel[..., k].astype(int) for k in range(3))
+    return int(((r > 200) & (g > 90) & (g < 190) & (b < 80)).sum())
+
+
+def test_a_completed_case_draws_its_synthetic_modality_marked(fed, tmp_path):
+    import shutil
+
+    from fedmodal.brats import MODALITIES
+    from fedmodal.data.layouts import synthetic_file
+
+    root, info = fed
+    case_dir = tmp_path / "case"
+    shutil.copytree(_case_dir(root, info, "site-1"), case_dir)  # holds t1, t2, flair: no t1ce
+    case = read_case_folder(case_dir, info["layout"])
+    assert "t1ce" not in case.images
+    column = MODALITIES.index("t1ce")
+    before = np.asarray(Image.open(montage.montage(case_dir, tmp_path / "before.png")).convert("RGB"))
+    shutil.copy(case.images["t1"], synthetic_file(case, "t1ce"))  # what `fedmodal complete` writes
+    after = np.asarray(Image.open(montage.montage(case_dir, tmp_path / "after.png")).convert("RGB"))
+    width = after.shape[1] // 5
+    panel_before, panel_after = (im[:, column * width : (column + 1) * width] for im in (before, after))
+    assert panel_after.std() > panel_before.std() + 10  # an image where the n/a panel was
+    assert _orange(panel_after) > 50 and _orange(panel_before) == 0  # marked as synthetic
+    real_panel = after[:, 0:width]  # T1 is real: not marked
+    assert _orange(real_panel) == 0

@@ -52,6 +52,24 @@ def test_a_failing_command_names_its_log(tmp_path):
         Reproduction(tmp_path, [Stage("fails", fails)]).run()
 
 
+def test_a_relative_results_folder_works_from_the_stage_folders(tmp_path, monkeypatch):
+    # Commands run inside their stage's folder; paths under a relative --out must still resolve.
+    monkeypatch.chdir(tmp_path)
+
+    def reads_a_file_of_its_own(folder, rep):
+        (folder / "input.txt").write_text("found")
+        rep.command(
+            [sys.executable, "-c", f"print(open({str(folder / 'input.txt')!r}).read())"],
+            cwd=folder,
+            log=folder / "log.txt",
+        )
+        return {"peak": "largest_process_mb_so_far"}
+
+    results = Reproduction("results/x", [Stage("reads", reads_a_file_of_its_own)]).run()
+    assert (tmp_path / "results/x/reads/log.txt").read_text().strip() == "found"
+    assert results["reads"]["largest_process_mb_so_far"] > 0
+
+
 def test_tables_are_markdown_and_csv(tmp_path):
     write_table(tmp_path / "t.md", ["method", "Dice"], [["FedAvg", 50.1], ["MixMFL", 58.6]])
     assert (tmp_path / "t.md").read_text().splitlines()[2] == "| FedAvg | 50.1 |"

@@ -1,7 +1,9 @@
 """Draw one BraTS case as a PNG: every modality side by side, then the segmentation.
 
 The axial slice defaults to the one with the most tumour. A modality the case lacks gets an
-"n/a" panel, so montages of different sites line up column by column.
+"n/a" panel, so montages of different sites line up column by column; one that `fedmodal
+complete` filled (`<case>_<modality>_synthetic.nii.gz`) is drawn, titled "(synthetic)" in
+orange with an orange frame, so it is never mistaken for a real scan.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 from fedmodal.brats import ET_LABEL, MODALITIES, MODALITY_TITLES
 from fedmodal.data.cases import read_case
 from fedmodal.data.discovery import read_case_folder
-from fedmodal.data.layouts import release_of_folder
+from fedmodal.data.layouts import release_of_folder, with_synthetic
+
+SYNTHETIC_COLOUR = (1.0, 0.55, 0.0)
 
 # BraTS's usual colours: necrosis red, oedema green, enhancing yellow (resection cavity blue).
 LABEL_COLOURS = {
@@ -47,7 +51,8 @@ def _window(image: np.ndarray) -> tuple[float, float]:
 
 
 def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -> Path:
-    """Write a PNG of every modality of a case (n/a panels for missing ones) and its seg.
+    """Write a PNG of every modality of a case and its seg: n/a panels for missing modalities,
+    marked panels for synthetic ones.
 
     Args:
         case_dir: a BraTS case folder (any release's naming).
@@ -65,7 +70,9 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
 
     case_dir = Path(case_dir)
     release = release_of_folder(case_dir.name)  # None: a folder not named like a BraTS case
-    case = read_case_folder(case_dir, release or "unknown")
+    real = read_case_folder(case_dir, release or "unknown")
+    synthetic = {m for m in real.synthetic if m not in real.images}
+    case = with_synthetic(real)
     images, seg_path = case.images, case.seg
     if not images and seg_path is None:
         raise FileNotFoundError(f"no BraTS NIfTI files (*_t1/_t1ce/_t2/_flair/_seg.nii[.gz]) in {case_dir}")
@@ -107,15 +114,22 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
         # right on the viewer's left, the radiological convention.
         return np.swapaxes(plane[::-1], 0, 1)
 
-    def show(ax, plane, title, **kw):
+    def show(ax, plane, title, colour="white", **kw):
         ax.imshow(display(plane), origin="lower", aspect=aspect, interpolation="antialiased", **kw)
-        ax.set_title(title, color="white", fontsize=11)
+        ax.set_title(title, color=colour, fontsize=11)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_facecolor("black")
 
     for ax, m in zip(axes, MODALITIES):
-        if m in volumes:
+        if m in synthetic:
+            lo, hi = _window(volumes[m])
+            plane = volumes[m][:, :, slice_index]
+            show(ax, plane, f"{MODALITY_TITLES[m]} (synthetic)", SYNTHETIC_COLOUR, cmap="gray", vmin=lo, vmax=hi)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(SYNTHETIC_COLOUR)
+                spine.set_linewidth(3)
+        elif m in volumes:
             lo, hi = _window(volumes[m])
             show(ax, volumes[m][:, :, slice_index], MODALITY_TITLES[m], cmap="gray", vmin=lo, vmax=hi)
         else:
@@ -125,7 +139,9 @@ def montage(case_dir, out_png, slice_index: int | None = None, dpi: int = 110) -
     axes[0].text(0.98, 0.98, "L", color="0.8", fontsize=8, ha="right", va="top", transform=axes[0].transAxes)
 
     ax = axes[-1]
-    background = next((volumes[m] for m in ("t1ce", "t1", "flair", "t2") if m in volumes), None)
+    # The seg is drawn over a real scan: a synthetic one only when the case has no real one.
+    order = [m for m in ("t1ce", "t1", "flair", "t2") if m in volumes]
+    background = next((volumes[m] for m in sorted(order, key=lambda m: m in synthetic)), None)
     if background is not None:
         lo, hi = _window(background)
         show(ax, background[:, :, slice_index], "seg", cmap="gray", vmin=lo, vmax=hi)

@@ -52,7 +52,7 @@ class Reproduction:
     """
 
     def __init__(self, out: str | Path, stages: Sequence[Stage], env: dict[str, str] | None = None):
-        self.out = Path(out)
+        self.out = Path(out).resolve()  # stage commands run in their own folders: relative paths would break
         self.stages = list(stages)
         self.env = dict(env or {})
         names = [s.name for s in self.stages]
