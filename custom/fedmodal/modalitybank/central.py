@@ -43,8 +43,16 @@ def build_workers(
     return workers
 
 
-def train(workers: dict[str, SiteWorker], generator: GeneratorConfig, log_every: int = 20, parts: dict | None = None):
+def train(
+    workers: dict[str, SiteWorker],
+    generator: GeneratorConfig,
+    log_every: int = 20,
+    parts: dict | None = None,
+    wire_precision: str = ControllerConfig.wire_precision,
+):
     """Run the protocol in-process; returns (trainer, coordinator, seconds per step by phase).
+
+    `wire_precision`: the arrays a step carries, as the job's `server.wire_precision`.
 
     `parts`, if given, is filled per phase with each step's seconds split into the server's
     fake generation, every site's discriminator step and the server's backward pass and update.
@@ -52,7 +60,7 @@ def train(workers: dict[str, SiteWorker], generator: GeneratorConfig, log_every:
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
     config = resolve_config(generator, sites)
     trainer = GeneratorTrainer(config)
-    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed), wire_precision)
     timings: dict[str, list[float]] = {}
     while not trainer.finished:
         phase = trainer.phase

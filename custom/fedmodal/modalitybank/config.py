@@ -17,6 +17,7 @@ from fedmodal.fl.site import SiteConfig
 
 MODES = ("bank", "asyndgan")
 STEP_TRANSPORTS = ("direct", "task")
+WIRE_PRECISIONS = ("float32", "float16")  # fedmodal.modalitybank.protocol.pack
 SLICE_CHOICES = ("tumour", "brain")
 SPLITS = ("train", "val", "test", "all")
 
@@ -119,6 +120,9 @@ class ControllerConfig(Settings):
         step_transport: how step payloads travel. "direct" pushes them to the sites as NVFlare
             aux messages through the same filters as tasks (one round trip per step); "task"
             sends NVFlare tasks, which wait for each site's next poll.
+        wire_precision: "float32" or "float16" for the fakes and the gradients a step carries;
+            float16 halves a step's bytes (for wide-area links), the arrays scaled per tensor so
+            the small gradients keep their digits (`fedmodal.modalitybank.protocol.pack`).
     """
 
     slices: str = "tumour"
@@ -136,8 +140,11 @@ class ControllerConfig(Settings):
     num_threads: int = 0
     task_check_period: float = 0.05
     step_transport: str = "direct"
+    wire_precision: str = "float32"
 
     def __post_init__(self):
+        if self.wire_precision not in WIRE_PRECISIONS:
+            raise ValueError(f"wire_precision must be one of {WIRE_PRECISIONS}, got {self.wire_precision!r}")
         if self.step_transport not in STEP_TRANSPORTS:
             raise ValueError(f"step_transport must be one of {STEP_TRANSPORTS}, got {self.step_transport!r}")
         if self.slices not in SLICE_CHOICES:

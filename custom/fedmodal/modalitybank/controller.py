@@ -99,7 +99,7 @@ class ModalityBankController(Controller):
         )
         if run.pretrained_generator and not run.resume_from:
             trainer.load_pretrained(run.pretrained_generator)
-        coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed))
+        coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed), run.wire_precision)
         sample_masks = coordinator.sample_masks()
         timings: dict[str, list[float]] = {}  # seconds per step, by phase
         waits: dict[str, list[float]] = {}  # of which waiting for the sites (transport + site compute)

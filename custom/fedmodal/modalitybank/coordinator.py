@@ -87,9 +87,19 @@ class StepCoordinator:
         trainer: the generator trainer (G, bank, optimizers).
         sites: registered sites, sorted by name so results combine in a fixed order.
         rng: the server's random generator (mask sampling, augmentation).
+        wire_precision: "float32" or "float16" for fakes and gradients (`protocol.pack`).
     """
 
-    def __init__(self, trainer: GeneratorTrainer, sites: list[SiteState], rng: np.random.Generator):
+    def __init__(
+        self,
+        trainer: GeneratorTrainer,
+        sites: list[SiteState],
+        rng: np.random.Generator,
+        wire_precision: str = "float32",
+    ):
+        if wire_precision not in P.WIRE_PRECISIONS:
+            raise ValueError(f"wire_precision must be one of {P.WIRE_PRECISIONS}, got {wire_precision!r}")
+        self.wire_precision = wire_precision
         self.trainer = trainer
         self.sites = {s.name: s for s in sorted(sites, key=lambda s: s.name)}  # the live sites
         self.away: dict[str, SiteState] = {}  # dropped sites, until they register again
@@ -168,8 +178,10 @@ class StepCoordinator:
                 P.AUGMENT: augment.table,
                 P.CHECKPOINT: checkpoint_step,
             }
+            if self.wire_precision != "float32":
+                payload[P.WIRE] = self.wire_precision
             for modality in modalities:
-                payload[P.FAKE_PREFIX + modality] = self._fake_slice(modality, name).detach().cpu().numpy()
+                payload.update(P.pack(P.FAKE_PREFIX + modality, self._fake_slice(modality, name), self.wire_precision))
             payloads[name] = payload
         return payloads
 
@@ -214,7 +226,7 @@ class StepCoordinator:
                 key = P.GRAD_PREFIX + modality
                 if key not in replies[name]:
                     raise ValueError(f"site {name} returned no {modality} gradient")
-                grad = torch.as_tensor(np.asarray(replies[name][key]))
+                grad = P.unpack(replies[name], key)
                 expected = tuple(self._fake_slice(modality, name).shape)
                 if tuple(grad.shape) != expected:
                     raise ValueError(

@@ -99,11 +99,7 @@ class SiteWorker:
 
     @staticmethod
     def _fakes(payload: dict) -> dict[str, torch.Tensor]:
-        return {
-            key[len(P.FAKE_PREFIX) :]: torch.as_tensor(np.asarray(value))
-            for key, value in payload.items()
-            if key.startswith(P.FAKE_PREFIX)
-        }
+        return {key[len(P.FAKE_PREFIX) :]: P.unpack(payload, key) for key in payload if key.startswith(P.FAKE_PREFIX)}
 
     def step(self, payload: dict) -> dict:
         """Augment the real batch like the server did, train D, return gradients and losses."""
@@ -122,7 +118,10 @@ class SiteWorker:
         grads, losses = self.adversary.step(
             cond, real, fakes, brain, step=int(payload[P.STEP]), total_steps=int(payload[P.PHASE_STEPS])
         )
-        reply = {P.GRAD_PREFIX + m: g.detach().cpu().numpy().astype(np.float32) for m, g in grads.items()}
+        precision = payload.get(P.WIRE, "float32")  # reply in the precision the fakes came in
+        reply = {}
+        for m, g in grads.items():
+            reply.update(P.pack(P.GRAD_PREFIX + m, g, precision))
         reply[P.LOSSES] = losses
         if not self.shares_masks:
             reply.update(self._next_batch())
