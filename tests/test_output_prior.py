@@ -56,3 +56,28 @@ def test_the_comparison_preset_carries_its_prior_through_config_and_checkpoint_s
     assert SegConfig.from_net_args(net.config()).output_prior == 0.05
     # The other presets keep MONAI's initialisation (their measured tables were made with it).
     assert NamedSegmentationNet("unet2d-wt").config()["output_prior"] == 0.0
+
+
+def test_fedmepd_softmax_heads_start_with_background_at_one_minus_the_prior():
+    from fedmodal.fedmepd.config import FedMEPDConfig
+    from fedmodal.nets.fedmepd import FedMEPDNet
+
+    args = {**FedMEPDConfig(spatial_dims=2, channels=(4, 8, 8, 8), heads=(1, 1, 1, 1)).net_args()}
+    assert args["output_prior"] == 0.05
+    net = FedMEPDNet(**args).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 4, 32, 32), ("t1", "flair"))
+    for logits in (out.logits, *out.aux.values()):
+        probs = torch.softmax(logits, dim=1).mean(dim=(0, 2, 3))
+        assert probs[0].item() == pytest.approx(0.95, abs=0.02)
+        assert probs[1:].tolist() == pytest.approx([0.05 / 3] * 3, abs=0.01)
+    assert FedMEPDNet(**net.config()).config() == net.config()
+
+
+def test_a_softmax_prior_needs_a_class_bias():
+    from fedmodal.nets.output_prior import apply_softmax_prior
+
+    with pytest.raises(ValueError, match="softmax prior"):
+        apply_softmax_prior(torch.nn.Linear(4, 1), 0.05)
+    with pytest.raises(ValueError, match="output_prior"):
+        apply_softmax_prior(torch.nn.Linear(4, 4), 1.5)

@@ -61,7 +61,7 @@ class FedMEPDServerConfig(Settings):
 
     settings_name = "FedMEPD server"
 
-    num_rounds: int = 10
+    num_rounds: int = 20
     local_epochs: int = 1
     data_root: str = DATA_ROOT_FROM_ENV
     server_site: str = "server"

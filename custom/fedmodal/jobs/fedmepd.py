@@ -28,6 +28,6 @@ FEDMEPD = JobSpec(
     description="FedMEPD: per-modality encoders, a full-modal server epoch and anchors, partially personalised decoders",
     sections={"fedmepd": FedMEPDConfig, "server": FedMEPDServerConfig, "site": SiteConfig},
     build=build,
-    # A 10-round CPU job: the paper's 30 warm-up rounds and counters of 10 would personalise nothing.
+    # A 20-round CPU job: the paper's 30 warm-up rounds and counters of 10 would personalise nothing.
     defaults={"fedmepd": {"warmup_rounds": 3, "counter_start": 3}, "site": {"preset": "fedmepd"}},
 )

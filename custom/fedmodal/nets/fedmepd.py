@@ -25,6 +25,7 @@ from torch import nn
 
 from fedmodal.brats import MODALITIES, N_LABELS
 from fedmodal.nets.fedmepd_blocks import AnchorAttention, ModalityEncoder, RegionAwareFusion, UNetDecoder
+from fedmodal.nets.output_prior import apply_softmax_prior
 
 
 @dataclass
@@ -54,6 +55,8 @@ class FedMEPDNet(nn.Module):
         heads: attention heads per scale (each must divide that scale's channels).
         modalities: the modalities, in the order of the input channels.
         use_attention: build the anchor cross-attention (False: anchors are ignored).
+        output_prior: initial total foreground probability of the fused and auxiliary softmax
+            heads (`fedmodal.nets.output_prior.apply_softmax_prior`); 0 keeps a zero bias.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class FedMEPDNet(nn.Module):
         heads: Sequence[int] = (8, 8, 8, 4),
         modalities: Sequence[str] = MODALITIES,
         use_attention: bool = True,
+        output_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -82,6 +86,10 @@ class FedMEPDNet(nn.Module):
         self.aux = UNetDecoder(spatial_dims, self.channels, self.num_classes)
         if self.use_attention:
             self.attn = nn.ModuleList(AnchorAttention(c, h) for c, h in zip(self.channels, self.heads))
+        self.output_prior = float(output_prior)
+        if self.output_prior:
+            for head in (self.dec.unet.head.conv, self.aux.head.conv):
+                apply_softmax_prior(head, self.output_prior)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (to rebuild the same network)."""
@@ -92,6 +100,7 @@ class FedMEPDNet(nn.Module):
             "heads": list(self.heads),
             "modalities": list(self.modalities),
             "use_attention": self.use_attention,
+            "output_prior": self.output_prior,
         }
 
     def present_mask(self, present: torch.Tensor | Sequence[str], batch: int, device: torch.device) -> torch.Tensor:
