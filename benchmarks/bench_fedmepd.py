@@ -5,7 +5,9 @@ without federation, 8 client processes train their local epochs with anchors at 
 one process runs the server's full-modal epoch and anchor pooling (the order a round has);
 federated, `nvflare simulator` runs jobs/fedmepd with only the round count changed. Also:
 bytes per round per client (payload audit), the server epoch's seconds (server log), and the
-cost of the anchor cross-attention at each scale (forward + backward, with and without).
+cost of the anchor cross-attention: alone at each scale, and the whole network's forward +
+backward with and without it. Every process runs one torch thread (OMP_NUM_THREADS=1) on both
+sides, so 8 clients do not oversubscribe the cores; the default job gives the server all cores.
 
     python benchmarks/bench_fedmepd.py --rounds 3
 """
@@ -121,31 +123,53 @@ def run_simulator(root: Path, rounds: int, work: Path) -> dict:
     }
 
 
-def attention_cost(repeats: int = 5) -> list[dict]:
-    """Forward + backward of one training batch with and without the anchor attention, per scale."""
+def seconds_per_call(fn, repeats: int, *args) -> float:
+    fn(*args)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(*args)
+    return (time.perf_counter() - start) / repeats
+
+
+def fwd_bwd(module, *inputs) -> None:
+    module(*inputs).sum().backward()
+
+
+def attention_cost(repeats: int = 5) -> dict:
+    """Forward + backward of one training batch: the anchor attention alone at each scale, and
+    the whole network with anchors (every scale calibrated) and without (no attention)."""
     import torch
 
     from fedmodal.fedmepd.config import FedMEPDConfig
+    from fedmodal.nets.fedmepd import FedMEPDNet
     from fedmodal.nets.fedmepd_blocks import AnchorAttention
 
     torch.set_num_threads(1)
+    torch.manual_seed(0)
     cfg = job_settings()["fedmepd"]
     assert isinstance(cfg, FedMEPDConfig)
-    rows = []
     size = list(cfg.patch_size)
+    anchors = [torch.randn(4 * cfg.anchors_k, c) for c in cfg.channels]
+    rows = []
     for scale, (channels, heads) in enumerate(zip(cfg.channels, cfg.heads)):
         grid = [max(1, s // 2**scale) for s in size]
         features = torch.randn(cfg.batch_size, channels, *grid, requires_grad=True)
-        anchors = torch.randn(4 * cfg.anchors_k, channels)
         attn = AnchorAttention(channels, heads)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            attn(features, anchors).sum().backward()
-        seconds = (time.perf_counter() - start) / repeats
-        rows.append(
-            {"scale": scale, "grid": grid, "channels": channels, "heads": heads, "ms": round(1000 * seconds, 2)}
-        )
-    return rows
+        ms = 1000 * seconds_per_call(fwd_bwd, repeats, attn, features, anchors[scale])
+        rows.append({"scale": scale, "grid": grid, "channels": channels, "heads": heads, "ms": round(ms, 2)})
+    net = FedMEPDNet(**cfg.net_args())
+    images = torch.randn(cfg.batch_size, 4, *size)
+    present = torch.ones(cfg.batch_size, 4, dtype=torch.bool)
+
+    def step(with_anchors):
+        out = net(images, present, anchors if with_anchors else None)
+        (out.logits.sum() + sum(a.sum() for a in out.aux.values())).backward()
+
+    network = {
+        name: round(1000 * seconds_per_call(step, repeats, flag), 1)
+        for name, flag in (("with_anchors_ms", True), ("without_anchors_ms", False))
+    }
+    return {"per_scale": rows, "network": network}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
         *[
             f"| {a['scale']} | {'x'.join(map(str, a['grid']))} | {a['channels']} | {a['heads']} | {a['ms']} |"
-            for a in attention
+            for a in attention["per_scale"]
         ],
+        "",
+        f"Whole network, one batch fwd+bwd (1 thread): {attention['network']['with_anchors_ms']} ms with anchors, "
+        f"{attention['network']['without_anchors_ms']} ms without (no attention).",
     ]
     table = "\n".join(lines)
     print(table)

@@ -14,6 +14,13 @@ from fedmodal.jobs.spec import export_job, route_settings
 
 NVFLARE = Path(sys.executable).with_name("nvflare")
 
+# The smallest networks the key-group jobs' simulator tests train (2D, 32 x 32 patches).
+TINY_NETS = {
+    "mixmfl": {"features": [4, 8, 16], "patch_size": [32, 32], "batch_size": 4, "samples_per_case": 2},
+    "fedmepd": {"spatial_dims": 2, "channels": [8, 16, 32, 64], "patch_size": [32, 32], "batch_size": 2,
+                "samples_per_case": 2},
+}  # fmt: skip
+
 
 def run_job(name: str, values: dict, tmp: Path, data: Path, sites: int, timeout: float) -> tuple[Path, str]:
     """Run job `name` with `values` in the simulator under `tmp` on `data`; (workspace, log). Asserts success."""

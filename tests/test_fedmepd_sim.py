@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sim import read_audit, run_job, site_modalities
+from sim import TINY_NETS, read_audit, run_job, site_modalities
 
 pytestmark = pytest.mark.integration
 
 CLIENTS = [f"site-{k}" for k in range(1, 9)]
 TINY = {
-    "spatial_dims": 2,
-    "channels": [8, 16, 32, 64],
-    "patch_size": [32, 32],
-    "batch_size": 2,
-    "samples_per_case": 2,
+    **TINY_NETS["fedmepd"],
     "warmup_rounds": 0,
     "counter_start": 1,  # a filter whose update disagrees with the server's once becomes personal
     "num_rounds": 3,

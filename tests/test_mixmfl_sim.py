@@ -7,16 +7,13 @@ import json
 import pytest
 
 from fedmodal.nets.mixmfl import key_group
-from sim import read_audit, run_job, site_modalities
+from sim import TINY_NETS, read_audit, run_job, site_modalities
 
 pytestmark = pytest.mark.integration
 
 SITES = [f"site-{k}" for k in range(1, 7)]
 TINY = {
-    "features": [4, 8, 16],
-    "patch_size": [32, 32],
-    "batch_size": 4,
-    "samples_per_case": 2,
+    **TINY_NETS["mixmfl"],
     "min_cluster_size": 3,
     "kmeans_k": 2,
     "num_rounds": 2,

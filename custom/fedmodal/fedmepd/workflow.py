@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmodal.atomic import write_json_atomically
-from fedmodal.config import Settings
 from fedmodal.fedmepd.anchors import AnchorBank
 from fedmodal.fedmepd.config import FedMEPDConfig
 from fedmodal.fedmepd.personalisation import (
@@ -29,7 +28,7 @@ from fedmodal.fedmepd.personalisation import (
     expand_payload,
     filter_counts,
 )
-from fedmodal.fl.keygroup_workflow import KeyGroupWorkflow, SiteFailure
+from fedmodal.fl.keygroup_workflow import KeyGroupRunConfig, KeyGroupWorkflow, SiteFailure
 from fedmodal.fl.keygroups import KeyGroups
 from fedmodal.fl.site import DATA_ROOT_FROM_ENV, SiteConfig
 
@@ -40,8 +39,9 @@ ROWS_PREFIX = "decrows."  # "decrows.<layer>": which decoder rows a client sent 
 
 
 @dataclass
-class FedMEPDServerConfig(Settings):
-    """How the FedMEPD federation runs, and where the server's own full-modal data is.
+class FedMEPDServerConfig(KeyGroupRunConfig):
+    """How the FedMEPD federation runs, and where the server's own full-modal data is
+    (`KeyGroupRunConfig`: rounds, faults, resume, seed).
 
     Args:
         num_rounds: federated rounds.
@@ -53,10 +53,6 @@ class FedMEPDServerConfig(Settings):
         preset: phantom preset when no data root is set.
         device: "auto", "cpu" or "cuda[:i]" for the server's epoch (a GPU server in production).
         num_threads: torch CPU threads at the server (0 keeps torch's default).
-        min_sites: clients that must register.
-        task_timeout: seconds a client gets for one round's task.
-        resume_from: the `checkpoint.pt` of an earlier run.
-        seed: run seed.
     """
 
     settings_name = "FedMEPD server"
@@ -68,10 +64,6 @@ class FedMEPDServerConfig(Settings):
     preset: str = "fedmepd"
     device: str = "auto"
     num_threads: int = 0
-    min_sites: int = 2
-    task_timeout: int = 3600
-    resume_from: str = ""
-    seed: int = 0
 
 
 class FedMEPDController(KeyGroupWorkflow):
@@ -91,13 +83,7 @@ class FedMEPDController(KeyGroupWorkflow):
         self.method = FedMEPDConfig.from_dict(self.fedmepd, where="the FedMEPD controller's fedmepd settings")
         self.run_config = FedMEPDServerConfig.from_dict(self.server, where="the FedMEPD controller's server settings")
         run = self.run_config
-        super().__init__(
-            num_rounds=run.num_rounds,
-            task_timeout=run.task_timeout,
-            min_sites=run.min_sites,
-            resume_from=run.resume_from,
-            output_dir="fedmepd",
-        )
+        super().__init__(run, output_dir="fedmepd")
         self.trainer = None  # the server's FedMEPDTrainer, built at the start of the run
         self.bank = AnchorBank(
             num_classes=4, k=self.method.anchors_k, momentum=self.method.anchor_ema, seed=run.seed,

@@ -8,6 +8,13 @@ at the end every site scores its own personalised model on its test split and th
 writes the per-site table. Site (`KeyGroupExecutor`): the same three tasks, with the method's
 work behind `setup`, `train_round` and `evaluate`.
 
+Faults cost a round, not the run: a round ends when every site has answered, or once
+`min_sites` have and the rest had `wait_after_min` more seconds (or at `task_timeout`). A site
+that misses a round (hung, crashed, restarted) is left out of that round's averages and is
+asked to register again alongside the next round's training; once it answers it trains again
+from the current global model. Fewer than `min_sites` answers stop the run with the last
+round's checkpoint kept and named for `resume_from`.
+
 What crosses the wire, and only this: the method's site config (server -> site, once), the
 key groups a site may hold, extra arrays under the method's extra prefixes (counted in the
 payload audit like any parameter), sample counts and scalar metrics.
@@ -20,6 +27,7 @@ import logging
 import threading
 import time
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedmodal.atomic import save_atomically, write_json_atomically
+from fedmodal.config import Settings
 from fedmodal.fl.keygroups import META_MODALITIES, META_NUM_SAMPLES, KeyGroupAggregator, KeyGroups
 
 logger = logging.getLogger(__name__)
@@ -51,7 +60,32 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class SiteFailure(RuntimeError):
-    """A site did not answer a task, or answered with an error."""
+    """Too few sites answered a task, or a site broke the protocol."""
+
+
+@dataclass
+class KeyGroupRunConfig(Settings):
+    """How a key-group federation runs; each method's server settings extend it.
+
+    Args:
+        num_rounds: federated rounds.
+        local_epochs: local epochs per round at each site.
+        min_sites: sites that must register, and answer each round; with fewer the run stops
+            (the last round's checkpoint is kept for `resume_from`).
+        wait_after_min: seconds the other sites get once `min_sites` have answered a task;
+            a site still silent then is left out of that round and asked to rejoin.
+        task_timeout: seconds a round's task may last at most (0: no limit).
+        resume_from: the `checkpoint.pt` of an earlier run (model, method state and round).
+        seed: run seed (initial weights; each site derives its own seed from it and its name).
+    """
+
+    num_rounds: int = 10
+    local_epochs: int = 1
+    min_sites: int = 2
+    wait_after_min: int = 60
+    task_timeout: int = 3600
+    resume_from: str = ""
+    seed: int = 0
 
 
 class KeyGroupWorkflow(ModelController):
@@ -63,35 +97,29 @@ class KeyGroupWorkflow(ModelController):
     checkpoint), `groups` and `extra_prefixes`.
 
     Args:
-        num_rounds: federated rounds.
-        task_timeout: seconds a site gets for one task (0: no limit).
-        min_sites: sites that must register.
+        run: rounds, fault tolerance, resume and seed (`KeyGroupRunConfig` or a subclass).
+        output_dir: folder name under the run directory for checkpoints and tables.
         over_holders_only: average per-modality groups over their holders only (False: the
             "no tailored updating" ablation).
-        resume_from: a checkpoint file of an earlier run (params, round, method state).
-        output_dir: folder name under the run directory for checkpoints and tables.
     """
 
     groups = KeyGroups()
     extra_prefixes: tuple[str, ...] = ()
 
-    def __init__(
-        self,
-        num_rounds: int = 10,
-        task_timeout: int = 3600,
-        min_sites: int = 2,
-        over_holders_only: bool = True,
-        resume_from: str = "",
-        output_dir: str = "keygroups",
-    ):
-        super().__init__(persistor_id="")
-        self.num_rounds = int(num_rounds)
-        self.task_timeout = int(task_timeout)
-        self.min_sites = int(min_sites)
+    def __init__(self, run: KeyGroupRunConfig, output_dir: str = "keygroups", over_holders_only: bool = True):
+        # Site errors are handled here (the site is left out of the round), not by NVFlare's panic.
+        super().__init__(persistor_id="", ignore_result_error=True)
+        self.run_settings = run
+        self.num_rounds = int(run.num_rounds)
+        self.task_timeout = int(run.task_timeout)
+        self.min_sites = int(run.min_sites)
+        self.wait_after_min = float(run.wait_after_min)
+        self.resume_from = run.resume_from
         self.over_holders_only = bool(over_holders_only)
-        self.resume_from = resume_from
         self.output_dir = output_dir
         self.sites: dict[str, dict] = {}  # name -> {"modalities": [...], "num_samples": n}
+        self.absent: set[str] = set()  # registered sites that missed the last task; asked to rejoin
+        self.dropped: list[dict] = []  # {"round", "sites"}: who was left out of which round
         self.global_params: dict[str, np.ndarray] = {}
         self.out: Path | None = None
 
@@ -146,14 +174,22 @@ class KeyGroupWorkflow(ModelController):
         names = self.sample_clients()
         if len(names) < self.min_sites:
             raise SiteFailure(f"{len(names)} sites connected ({names}); {self.min_sites} required")
-        config = self.site_config()
-        replies = self._ask(TASK_REGISTER, {n: FLModel(params={}, meta={META_CONFIG: config}) for n in names})
+        replies = self._ask({n: self._registration() for n in names}, needed=self.min_sites, what="registration")
         for name, reply in sorted(replies.items()):
-            meta = reply.meta or {}
-            self.sites[name] = {"modalities": list(meta[META_MODALITIES]), "num_samples": int(meta[META_NUM_SAMPLES])}
-            self.info(
-                f"site {name}: modalities {self.sites[name]['modalities']}, {self.sites[name]['num_samples']} samples"
-            )
+            self._enrol(name, reply)
+        self.absent = set(names) - set(replies)
+        if self.absent:
+            self.warning(f"sites {sorted(self.absent)} did not register; they are asked again each round")
+
+    def _registration(self) -> tuple[str, FLModel]:
+        return TASK_REGISTER, FLModel(params={}, meta={META_CONFIG: self.site_config()})
+
+    def _enrol(self, name: str, reply: FLModel) -> None:
+        meta = reply.meta or {}
+        self.sites[name] = {"modalities": list(meta[META_MODALITIES]), "num_samples": int(meta[META_NUM_SAMPLES])}
+        self.info(
+            f"site {name}: modalities {self.sites[name]['modalities']}, {self.sites[name]['num_samples']} samples"
+        )
 
     def payload(self, site: str, task_meta: dict) -> FLModel:
         held = self.sites[site]["modalities"]
@@ -163,7 +199,23 @@ class KeyGroupWorkflow(ModelController):
     def _round(self, round_num: int) -> None:
         started = time.perf_counter()
         meta = {META_ROUND: round_num}
-        replies = self._ask(TASK_TRAIN, {s: self.payload(s, meta) for s in self.sites})
+        training = [s for s in sorted(self.sites) if s not in self.absent]
+        connected = set(self.sample_clients())
+        rejoining = sorted(s for s in self.absent if s in connected)
+        replies = self._ask(
+            {s: (TASK_TRAIN, self.payload(s, meta)) for s in training},
+            needed=self.min_sites,
+            what=f"round {round_num + 1}",
+            optional={s: self._registration() for s in rejoining},
+        )
+        rejoined = sorted(s for s in rejoining if s in replies)
+        for site in rejoined:  # registered while the others trained: trains from the next round
+            self._enrol(site, replies.pop(site))
+        missed = sorted(set(training) - set(replies))
+        self.absent = (self.absent - set(rejoined)) | set(missed)
+        if missed:
+            self.dropped.append({"round": round_num + 1, "sites": missed})
+            self.warning(f"round {round_num + 1}: sites {missed} sent no result; the round goes on without them")
         aggregator = KeyGroupAggregator(self.groups.per_modality, self.groups.shared, self.over_holders_only)
         metrics = {}
         for site, reply in sorted(replies.items()):
@@ -181,17 +233,37 @@ class KeyGroupWorkflow(ModelController):
             "of": self.num_rounds,
             "seconds": round(time.perf_counter() - started, 2),
             "sites": metrics,
+            "missed": missed,
+            "rejoined": rejoined,
         }
         self.info("round " + json.dumps(record, default=float))
 
     def _evaluate(self) -> None:
-        replies = self._ask(TASK_EVALUATE, {s: self.payload(s, {}) for s in self.sites})
+        present = [s for s in sorted(self.sites) if s not in self.absent]
+        tasks = {s: (TASK_EVALUATE, self.payload(s, {})) for s in present}
+        replies = self._ask(tasks, needed=1, what="evaluation")
         results = {site: (reply.meta or {}).get(META_METRICS, {}) for site, reply in sorted(replies.items())}
-        write_json_atomically(self.out / "per_site.json", {"sites": self.sites, "results": results})
+        unscored = sorted(set(self.sites) - set(results))
+        table = {"sites": self.sites, "results": results, "unscored": unscored, "dropped": self.dropped}
+        write_json_atomically(self.out / "per_site.json", table)
+        if unscored:
+            self.warning(f"sites {unscored} were not scored (absent at the end)")
         self.info(f"per-site results written to {self.out / 'per_site.json'}")
 
-    def _ask(self, task_name: str, payloads: dict[str, FLModel]) -> dict[str, FLModel]:
-        """Send each site its own payload and wait for all of them (sites sorted by name)."""
+    def _ask(
+        self,
+        tasks: dict[str, tuple[str, FLModel]],
+        needed: int,
+        what: str,
+        optional: dict[str, tuple[str, FLModel]] | None = None,
+    ) -> dict[str, FLModel]:
+        """Send each site its own (task name, payload) and collect the answers, keyed by site.
+
+        `tasks` are the ones that count: the wait ends when all have answered, or
+        `wait_after_min` seconds after `needed` of them have, or at `task_timeout`. `optional`
+        tasks (rejoin registrations) are collected if they answer by then and cancelled if not.
+        Fewer than `needed` answers raise `SiteFailure`, which stops the run.
+        """
         replies: dict[str, FLModel] = {}
         lock = threading.Lock()
 
@@ -199,17 +271,37 @@ class KeyGroupWorkflow(ModelController):
             with lock:
                 replies[str((result.meta or {}).get("client_name", "?"))] = result
 
-        for site, model in payloads.items():
-            self.send_model(
-                task_name=task_name, data=model, targets=[site], timeout=self.task_timeout, callback=received
-            )
+        for site, (task, model) in {**tasks, **(optional or {})}.items():
+            self.send_model(task_name=task, data=model, targets=[site], timeout=self.task_timeout, callback=received)
+        enough_since = None
         while self.get_num_standing_tasks():
             if self.abort_signal.triggered:
-                raise SiteFailure(f"the run was aborted during {task_name}")
+                raise SiteFailure(f"the run was aborted during {what}")
+            with lock:
+                answered = sum(s in replies for s in tasks)
+            if answered == len(tasks):
+                break
+            if answered >= needed:
+                enough_since = enough_since or time.monotonic()
+                if time.monotonic() - enough_since >= self.wait_after_min:
+                    break
             time.sleep(self._task_check_period)
-        missing = sorted(set(payloads) - set(replies))
-        if missing:
-            raise SiteFailure(f"sites {missing} sent no {task_name} result within {self.task_timeout}s; see their logs")
+        self.cancel_all_tasks()  # late answers arrive as unknown tasks and are ignored
+        with lock:
+            replies = dict(replies)
+        answered = sorted(s for s in tasks if s in replies)
+        if len(answered) < needed:
+            missing = sorted(set(tasks) - set(answered))
+            checkpoint = self.out / CHECKPOINT_FILE if self.out else None
+            resume = (
+                f"; the last round's checkpoint is {checkpoint}: rerun with resume_from set to it"
+                if checkpoint and checkpoint.is_file()
+                else ""
+            )
+            raise SiteFailure(
+                f"{what}: {len(answered)} of {len(tasks)} sites answered ({answered}), {needed} required; "
+                f"silent: {missing} (see their logs){resume}"
+            )
         return replies
 
 

@@ -53,11 +53,11 @@ class MixMFLExecutor(KeyGroupExecutor):
         self.trainer = MixMFLTrainer(self.cfg, self.data.modalities, device=site.device, seed=site.seed)
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         self.state_path = root / STATE_DIR / name / f"{config['run_id']}.pt"
-        resume_round = config.get("resume_round")
-        if resume_round is not None and self.state_path.is_file():
-            meta = self.trainer.load(self.state_path)
-            note = "" if meta.get("round") == resume_round - 1 else f" (saved after round {meta.get('round')})"
-            self.log_info(fl_ctx, f"site {name}: personalised model reloaded from {self.state_path}{note}")
+        if self.state_path.is_file():  # this run's model, kept across a resume, a restart or a missed round
+            saved_round = int(self.trainer.load(self.state_path).get("round", -1)) + 1
+            self.log_info(
+                fl_ctx, f"site {name}: personalised model of round {saved_round} reloaded from {self.state_path}"
+            )
         self.log_info(fl_ctx, f"{site.describe()}; {len(train)} training cases")
         return self.data.modalities, len(train)
 

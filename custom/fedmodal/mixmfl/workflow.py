@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedmodal.config import Settings
-from fedmodal.fl.keygroup_workflow import KeyGroupWorkflow, SiteFailure
+from fedmodal.fl.keygroup_workflow import KeyGroupRunConfig, KeyGroupWorkflow, SiteFailure
 from fedmodal.fl.keygroups import KeyGroups
 from fedmodal.mixmfl.config import MixMFLConfig
 from fedmodal.mixmfl.memory import PrototypeMemory
@@ -26,26 +25,18 @@ MEMORY_PREFIX = "memory."  # payload keys "memory.<modality>": (n, C) prototypes
 
 
 @dataclass
-class MixMFLServerConfig(Settings):
-    """How the MixMFL federation runs.
+class MixMFLServerConfig(KeyGroupRunConfig):
+    """How the MixMFL federation runs (`KeyGroupRunConfig`: rounds, faults, resume, seed).
 
     Args:
         num_rounds: federated rounds.
         local_epochs: local epochs per round at each site (one k-means write per round).
-        min_sites: sites that must register.
-        task_timeout: seconds a site gets for one round's task.
-        resume_from: the `checkpoint.pt` of an earlier run (model, memory and round).
-        seed: run seed (initial weights; each site derives its own seed from it and its name).
     """
 
     settings_name = "MixMFL server"
 
     num_rounds: int = 25
     local_epochs: int = 4
-    min_sites: int = 2
-    task_timeout: int = 3600
-    resume_from: str = ""
-    seed: int = 0
 
 
 def memory_payload(memory: PrototypeMemory, modalities) -> dict[str, np.ndarray]:
@@ -75,17 +66,9 @@ class MixMFLController(KeyGroupWorkflow):
         self.method = MixMFLConfig.from_dict(self.mixmfl, where="the MixMFL controller's mixmfl settings")
         self.run_config = MixMFLServerConfig.from_dict(self.server, where="the MixMFL controller's server settings")
         run = self.run_config
-        super().__init__(
-            num_rounds=run.num_rounds,
-            task_timeout=run.task_timeout,
-            min_sites=run.min_sites,
-            over_holders_only=self.method.tailored_updating,
-            resume_from=run.resume_from,
-            output_dir="mixmfl",
-        )
+        super().__init__(run, output_dir="mixmfl", over_holders_only=self.method.tailored_updating)
         self.memory = PrototypeMemory(capacity=self.method.memory_capacity)
         self.run_id = uuid.uuid4().hex[:12]
-        self.resumed_round: int | None = None
 
     def initial_params(self) -> dict[str, np.ndarray]:
         torch.manual_seed(self.run_config.seed)
@@ -98,7 +81,6 @@ class MixMFLController(KeyGroupWorkflow):
             "local_epochs": self.run_config.local_epochs,
             "seed": self.run_config.seed,
             "run_id": self.run_id,
-            "resume_round": self.resumed_round,
         }
 
     def extras_for(self, site: str) -> dict[str, np.ndarray]:
@@ -127,11 +109,6 @@ class MixMFLController(KeyGroupWorkflow):
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state.get("memory", {}))
         self.run_id = state.get("run_id", self.run_id)
-
-    def _start(self) -> int:
-        start = super()._start()
-        self.resumed_round = start if self.resume_from else None
-        return start
 
     def after_aggregation(self, round_num: int) -> None:
         sizes = {m: self.memory.size(m) for m in self.memory.modalities}
