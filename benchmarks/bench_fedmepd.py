@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| no federation (clients at once, then the server epoch) | {local['round_s']:.2f} | {local['wall_s']:.1f} | 1.00 |",
         f"| NVFlare simulator | {fed['round_s']:.2f} | {fed['wall_s']:.1f} | {fed['round_s'] / local['round_s']:.2f} |",
         "",
-        f"Server epoch (federated): {', '.join(f'{s:.1f}' for s in fed['server_epoch_s'])} s; without NVFlare: "
-        f"{', '.join(f'{s:.1f}' for s in local['server_s'])} s",
+        f"Server training epoch (federated, server log): {', '.join(f'{s:.1f}' for s in fed['server_epoch_s'])} s; "
+        f"epoch + anchor pooling without NVFlare: {', '.join(f'{s:.1f}' for s in local['server_s'])} s",
         "",
         "| client | bytes per round (both ways) |",
         "|---|---|",
