@@ -6,7 +6,8 @@ fakes and gradients that cross the wire (`server.wire_precision`). Each run's ge
 scored on the held-out phantom test cases (MAE, PSNR, SSIM inside the brain, as
 `fedmodal synthesis-quality` does). Bytes a step are counted from the real payloads with the
 payload audit's own sizes; the cost of a step on a wide-area link is computed from them (not
-measured on an emulated link: this machine has no network namespaces to shape).
+measured on an emulated link: network namespaces work here, but the kernel has no netem
+qdisc, `tc qdisc add ... netem` answers "Specified qdisc kind is unknown").
 
     python benchmarks/bench_wire_precision.py --out benchmarks/results/wire_precision
 """
@@ -41,19 +42,24 @@ def payload_bytes(payload: dict) -> int:
     return sum(describe(value)["bytes"] or 0 for value in payload.values())
 
 
-def step_bytes(workers: dict, settings: dict, precision: str) -> dict[str, dict[str, int]]:
-    """Bytes of one bank-phase step per site, each way, from a fresh coordinator's real payloads."""
+def step_bytes(workers: dict, settings: dict, precision: str) -> dict[str, dict[str, dict[str, int]]]:
+    """Bytes of one step per phase and site, each way, from a fresh coordinator's real payloads
+    (pretraining trains one modality, the bank phase every modality a site holds)."""
     from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
     from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
 
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
-    config = resolve_config(settings["generator"], sites)
-    coordinator = StepCoordinator(GeneratorTrainer(config), sites, np.random.default_rng(config.seed), precision)
-    payloads = coordinator.step_payloads()
-    return {
-        name: {"down": payload_bytes(p), "up": payload_bytes(workers[name].step(p))}
-        for name, p in sorted(payloads.items())
-    }
+    counted = {}
+    for phase, skip in (("pretrain", {}), ("bank", {"pretrain_steps": 0})):
+        config = resolve_config(settings["generator"].with_values(**skip), sites)
+        trainer = GeneratorTrainer(config)
+        assert trainer.phase == phase, (trainer.phase, phase)
+        coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed), precision)
+        counted[phase] = {
+            name: {"down": payload_bytes(p), "up": payload_bytes(workers[name].step(p))}
+            for name, p in sorted(coordinator.step_payloads().items())
+        }
+    return counted
 
 
 def site_workers(settings: dict, data_root: Path, folder: Path) -> dict:
@@ -128,16 +134,19 @@ def main() -> int:
             lines.append(f"| {precision} | {modality} | {cells} | {result['seconds']} |")
     lines += [
         "",
-        "| wire | site | bytes a step down | up | 20 ms RTT, 100 Mbit/s | 100 ms RTT, 100 Mbit/s |",
-        "|---|---|---|---|---|---|",
+        "A step on a wide-area link, computed (one round trip + both ways' bytes at 100 Mbit/s), not measured:",
+        "",
+        "| wire | phase | site | bytes a step down | up | 20 ms RTT | 100 ms RTT |",
+        "|---|---|---|---|---|---|---|",
     ]
     for precision, result in results.items():
-        for site, b in result["bytes_per_step"].items():
-            costs = [link_seconds(b["down"], b["up"], rtt, 100) * 1000 for rtt in (0.02, 0.1)]
-            lines.append(
-                f"| {precision} | {site} | {b['down'] / 1024:.1f} KiB | {b['up'] / 1024:.1f} KiB | "
-                f"{costs[0]:.1f} ms | {costs[1]:.1f} ms |"
-            )
+        for phase, per_site in result["bytes_per_step"].items():
+            for site, b in per_site.items():
+                costs = [link_seconds(b["down"], b["up"], rtt, 100) * 1000 for rtt in (0.02, 0.1)]
+                lines.append(
+                    f"| {precision} | {phase} | {site} | {b['down'] / 1024:.1f} KiB | {b['up'] / 1024:.1f} KiB | "
+                    f"{costs[0]:.1f} ms | {costs[1]:.1f} ms |"
+                )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
