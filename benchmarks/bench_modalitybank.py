@@ -71,6 +71,20 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
     return rates
 
 
+def site_bytes(workspace: Path, site: str) -> dict:
+    """A simulated site's bytes per step (both ways) and at registration, from its payload audit."""
+    path = workspace / site / "simulate_job/payload_audit.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+
+    def size(record: dict) -> int:
+        return sum(i["bytes"] or 0 for i in record["items"].values())
+
+    step_bytes = sum(size(r) for r in records if r["task"] == "mb_step")
+    n_steps = max(1, sum(1 for r in records if r["task"] == "mb_step" and r["direction"] == "in"))
+    register_bytes = sum(size(r) for r in records if r["task"] == "mb_register")
+    return {"bytes_per_step": step_bytes / n_steps, "register_bytes": register_bytes}
+
+
 def federated(steps: int, data_root: Path, transport: str, task_request_interval: float, server_threads: int) -> dict:
     """Steps per second per phase and bytes per step per site, from a simulator run."""
     from fedmodal.fl.allow_list import customize_simulator
@@ -107,18 +121,7 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     summary = json.loads((work / "ws/server/simulate_job/modalitybank/summary.json").read_text())
-    per_site = {}
-    for site in ("site-1", "site-2", "site-3"):
-        records = [
-            json.loads(line)
-            for line in (work / "ws" / site / "simulate_job/payload_audit.jsonl").read_text().splitlines()
-        ]
-        step_bytes = [sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_step"]
-        register_bytes = sum(
-            sum(i["bytes"] or 0 for i in r["items"].values()) for r in records if r["task"] == "mb_register"
-        )
-        n_steps = max(1, sum(1 for r in records if r["task"] == "mb_step" and r["direction"] == "in"))
-        per_site[site] = {"bytes_per_step": sum(step_bytes) / n_steps, "register_bytes": register_bytes}
+    per_site = {site: site_bytes(work / "ws", site) for site in ("site-1", "site-2", "site-3")}
     shutil.rmtree(work, ignore_errors=True)
     return {
         "steps_per_second": {phase: steady_rate(t) for phase, t in summary["step_seconds"].items()},

@@ -15,7 +15,6 @@ qdisc, `tc qdisc add ... netem` answers "Specified qdisc kind is unknown").
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from report import publish
 
 PRECISIONS = ("float32", "float16")
 SITES = ("site-1", "site-2", "site-3")
@@ -147,13 +148,7 @@ def main() -> int:
                     f"| {precision} | {phase} | {site} | {b['down'] / 1024:.1f} KiB | {b['up'] / 1024:.1f} KiB | "
                     f"{costs[0]:.1f} ms | {costs[1]:.1f} ms |"
                 )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-        out.with_suffix(".md").write_text(table)
+    publish("\n".join(lines) + "\n", results, args.out)
     return 0
 
 

@@ -337,3 +337,26 @@ def test_cli_builds_and_reports(tmp_path, capsys):
     assert (out / "site-6").is_dir()
     assert main(argv) == 0
     assert "reused" in capsys.readouterr().out
+
+
+def test_a_federation_scales_to_more_hospitals_by_repeating_the_presets(tmp_path, monkeypatch):
+    """`num_sites` repeats the preset's hospitals in turn, each with its own scanner and cases;
+    the preset's own count keeps the preset's spec (and its cache folder)."""
+    monkeypatch.setenv("FEDMODAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEDMODAL_PHANTOM_ROOT", raising=False)
+    assert phantoms.federation_spec(num_sites=3) == phantoms.federation_spec()
+    assert phantoms.default_root(num_sites=6) != phantoms.default_root()
+    root = phantoms.build_federation(tmp_path / "six", num_sites=6, shape=TINY, cases_per_site=1, test_cases=1)
+    info = json.loads((root / phantoms.FEDERATION_FILE).read_text())
+    base = phantoms.PRESETS["modalitybank-missing"].sites
+    assert list(info["sites"]) == [f"site-{k}" for k in range(1, 7)]
+    for k in range(1, 7):
+        assert tuple(info["sites"][f"site-{k}"]["modalities"]) == base[f"site-{(k - 1) % 3 + 1}"]
+    assert info["sites"]["site-4"]["scanner"] != info["sites"]["site-1"]["scanner"]
+    seg = case_file_paths(info["layout"], info["sites"]["site-4"]["case_ids"][0], MODALITIES)["seg"]
+    first = case_file_paths(info["layout"], info["sites"]["site-1"]["case_ids"][0], MODALITIES)["seg"]
+    assert not np.array_equal(_load(root / "site-4" / seg), _load(root / "site-1" / first))  # new patients
+    fedmepd = phantoms.federation_spec("fedmepd", num_sites=2)
+    assert sorted(fedmepd["cases_per_site"]) == ["server", "site-1", "site-2"]  # the server stays
+    with pytest.raises(ValueError, match="num_sites must be at least 1"):
+        phantoms.federation_spec(num_sites=0)

@@ -32,7 +32,7 @@ from fedmodal.data.phantoms.cli import add_arguments, run
 from fedmodal.data.phantoms.grid import BRATS_FOV_MM, DEFAULT_SHAPE, grid_affine
 from fedmodal.data.phantoms.presets import DEFAULT_PRESET, PRESETS, Preset
 from fedmodal.data.phantoms.scanner import ScannerProfile, site_profile
-from fedmodal.data.phantoms.spec import DEFAULT_LAYOUT, GENERATOR_VERSION
+from fedmodal.data.phantoms.spec import DEFAULT_LAYOUT, GENERATOR_VERSION, federation_spec
 from fedmodal.data.phantoms.writer import FEDERATION_FILE, TEST_SITE, read_federation, write_case
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "build_federation",
     "default_root",
     "ensure_federation",
+    "federation_spec",
     "generate_case",
     "grid_affine",
     "read_federation",

@@ -149,6 +149,8 @@ def cache_root(spec: dict) -> Path:
     counts = [spec["cases_per_site"], spec["test_cases"]]
     if counts != [preset.cases_per_site, preset.test_cases]:
         name += f"-n{zlib.crc32(json.dumps(counts, sort_keys=True).encode()):08x}"
+    if "num_sites" in spec:
+        name += f"-{spec['num_sites']}sites"
     return _cache_dir() / "phantoms" / f"{name}-v{GENERATOR_VERSION}"
 
 

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases-per-site", type=int, default=None, help="training cases per site (default: preset's)")
     parser.add_argument("--test-cases", type=int, default=None, help="held-out full-modal test cases (default: 10)")
     parser.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="hospitals: the preset's site-N repeated in turn (site-4 holds what site-1 holds; default: the preset's)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -48,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build (or reuse) a federation and say where it is, how long it took and its size."""
-    spec = federation_spec(args.preset, args.seed, args.shape, args.layout, args.cases_per_site, args.test_cases)
+    spec = federation_spec(
+        args.preset, args.seed, args.shape, args.layout, args.cases_per_site, args.test_cases, num_sites=args.sites
+    )
     out = Path(args.out) if args.out else cache_root(spec)
     start = time.perf_counter()
     try:

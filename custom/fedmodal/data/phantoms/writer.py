@@ -20,6 +20,7 @@ from fedmodal.data.phantoms.case import generate_case
 from fedmodal.data.phantoms.grid import BRATS_FOV_MM, grid_affine
 from fedmodal.data.phantoms.presets import PRESETS
 from fedmodal.data.phantoms.scanner import site_profile
+from fedmodal.data.phantoms.spec import spec_sites
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,12 @@ def _institution(site: str) -> str:
 
 def _plan(spec: dict) -> list[dict]:
     """Every case to write: site folder (also the generator's site key), index, case id, modalities."""
-    preset = PRESETS[spec["preset"]]
-    sites = list(preset.sites)
+    held = spec_sites(spec)
+    sites = list(held)
     jobs, number = [], 1
     for site in sites:
         for i in range(spec["cases_per_site"][site]):
-            jobs.append(
-                {"folder": site, "index": i, "profile": site, "number": number, "modalities": preset.sites[site]}
-            )
+            jobs.append({"folder": site, "index": i, "profile": site, "number": number, "modalities": held[site]})
             number += 1
     for i in range(spec["test_cases"]):
         # Test cases are new patients scanned at the training sites, in turn.
@@ -131,7 +130,7 @@ def build_into(folder: Path, spec: dict, workers: int) -> dict:
             if n == len(jobs) or n % 10 == 0:
                 logger.info("phantoms: %d/%d cases (%.1f s)", n, len(jobs), time.perf_counter() - start)
     sites = {}
-    for site, modalities in preset.sites.items():
+    for site, modalities in spec_sites(spec).items():
         sites[site] = {
             "modalities": list(modalities),
             "missing": [m for m in MODALITIES if m not in modalities],

@@ -1,0 +1,16 @@
+"""Shared by the benchmarks: print a result table and, with --out, keep it beside its numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def publish(table: str, results, out: str | None) -> None:
+    """Print `table`; with `out` (a path without suffix) also write `out`.md and `out`.json."""
+    print(table)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        path.with_suffix(".md").write_text(table)
