@@ -356,6 +356,11 @@ def test_a_federation_scales_to_more_hospitals_by_repeating_the_presets(tmp_path
     seg = case_file_paths(info["layout"], info["sites"]["site-4"]["case_ids"][0], MODALITIES)["seg"]
     first = case_file_paths(info["layout"], info["sites"]["site-1"]["case_ids"][0], MODALITIES)["seg"]
     assert not np.array_equal(_load(root / "site-4" / seg), _load(root / "site-1" / first))  # new patients
+    from fedmodal.cli import main
+
+    argv = ["phantoms", "--out", str(tmp_path / "cli"), "--shape", *map(str, TINY), "--test-cases", "0"]
+    assert main([*argv, "--sites", "4", "--cases-per-site", "1"]) == 0
+    assert (tmp_path / "cli" / "site-4").is_dir() and not (tmp_path / "cli" / "site-5").exists()
     fedmepd = phantoms.federation_spec("fedmepd", num_sites=2)
     assert sorted(fedmepd["cases_per_site"]) == ["server", "site-1", "site-2"]  # the server stays
     with pytest.raises(ValueError, match="num_sites must be at least 1"):
