@@ -41,14 +41,14 @@ def tiny_job(dst: Path, rounds: int = 2, fedprox_mu: float = 0.01) -> Path:
     return export_job(spec, dst, route_settings(spec, values))
 
 
-def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path):
-    job = tiny_job(tmp_path)
+def simulate(job: Path, data: Path, tmp_path: Path) -> tuple[Path, str]:
+    """Run `job` in the simulator (3 sites) under `tmp_path`; (workspace, log). Asserts success."""
     workspace = tmp_path / "workspace"
     shutil.copytree(SIMULATOR_LOCAL, workspace / "local")
     env = {
         **os.environ,
         "HOME": str(tmp_path / "home"),
-        "FEDMODAL_DATA_ROOT": str(tiny_federation),
+        "FEDMODAL_DATA_ROOT": str(data),
         "FEDMODAL_CACHE": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
     }
@@ -57,7 +57,18 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
+    return workspace, log
 
+
+@pytest.fixture(scope="module")
+def fedavg_run(tiny_federation: Path, tmp_path_factory) -> tuple[Path, str, Path]:
+    tmp_path = tmp_path_factory.mktemp("fedavg")
+    workspace, log = simulate(tiny_job(tmp_path), tiny_federation, tmp_path)
+    return workspace, log, tmp_path
+
+
+def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, fedavg_run):
+    workspace, log, tmp_path = fedavg_run
     from fedmodal.baselines.trainer import load_checkpoint
 
     server = workspace / "server" / "simulate_job"
@@ -108,3 +119,29 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, tmp_path: Path)
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"FedAvg", "Empty prediction"}
     assert "| FedAvg |" in (out / "results.md").read_text()
+
+
+def test_fedavg_resumes_from_its_persisted_global_model(tiny_federation: Path, fedavg_run, tmp_path: Path):
+    """resume_from the first run's FL_global_model.pt at start_round 2 of 3: NVFlare's
+    persistor loads it and only round 2 runs."""
+    workspace, _, _ = fedavg_run
+    saved = tmp_path / "FL_global_model.pt"
+    shutil.copy(workspace / "server" / "simulate_job" / "app_server" / "FL_global_model.pt", saved)
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import export_job, route_settings
+
+    spec = JOBS["fedavg"]
+    values = {**TINY, "num_rounds": 3, "start_round": 2, "resume_from": str(saved)}
+    _, log = simulate(export_job(spec, tmp_path / "job", route_settings(spec, values)), tiny_federation, tmp_path)
+    assert f"Loading checkpoint from {saved}" in log
+    assert "Round 2 started." in log and "Round 0 started." not in log and "Round 1 started." not in log
+    assert "Finished FedAvg." in log
+
+
+def test_a_start_round_without_a_model_is_refused():
+    from fedmodal.baselines.config import FederatedSegConfig
+
+    with pytest.raises(ValueError, match="start_round 2 needs resume_from"):
+        FederatedSegConfig(num_rounds=3, start_round=2)
+    with pytest.raises(ValueError, match=r"start_round must be in \[0, num_rounds=3\)"):
+        FederatedSegConfig(num_rounds=3, start_round=3, resume_from="/x.pt")

@@ -222,6 +222,9 @@ class FederatedSegConfig(Settings):
             all, the federation goes on while a hospital is offline.
         wait_after_min: seconds the remaining sites get once `min_responses` have answered.
         round_timeout: seconds a round may last at most (0: no limit).
+        resume_from: the server's `FL_global_model.pt` of an earlier run (NVFlare's persistor
+            writes it after every round): training starts from it, at round `start_round`.
+        start_round: rounds that earlier run completed; the run trains the rest up to `num_rounds`.
         submit_model_timeout, validation_timeout: cross-site evaluation timeouts (seconds).
     """
 
@@ -233,8 +236,16 @@ class FederatedSegConfig(Settings):
     min_responses: int = 0
     wait_after_min: int = 60
     round_timeout: int = 0
+    resume_from: str = ""
+    start_round: int = 0
     submit_model_timeout: int = 600
     validation_timeout: int = 6000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_round < self.num_rounds:
+            raise ValueError(f"start_round must be in [0, num_rounds={self.num_rounds}), got {self.start_round}")
+        if self.start_round and not self.resume_from:
+            raise ValueError(f"start_round {self.start_round} needs resume_from (the earlier run's FL_global_model.pt)")
 
 
 def sampling_config(settings: Any, regions: Sequence[str]) -> SegConfig:

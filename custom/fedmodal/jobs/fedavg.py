@@ -30,15 +30,20 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     if not seg.net:
         raise ValueError("the fedavg job names its network by preset: set seg.net (e.g. unet2d-wt)")
     job = FedJob(name=name, min_clients=min_clients)
-    # The server builds the network from the same preset name the sites use.
-    job.to_server(PTFileModelPersistor(model=NamedSegmentationNet(seg.net)), id="persistor")
+    # The server builds the network from the same preset name the sites use; a resumed run
+    # starts from the earlier run's persisted global model instead of fresh weights.
+    persistor = PTFileModelPersistor(
+        model=NamedSegmentationNet(seg.net), source_ckpt_file_full_name=run.resume_from or None
+    )
+    job.to_server(persistor, id="persistor")
     job.to_server(IntimeModelSelector(key_metric=run.key_metric), id="model_selector")
     job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
     job.to_server(CrossSiteTable(), id="cross_site_table")
     job.to_server(TBAnalyticsReceiver(events=[f"fed.{ANALYTICS_EVENT}"]), id="tb_receiver")
     fedavg = TolerantFedAvg(
         num_clients=0,
-        num_rounds=run.num_rounds,
+        num_rounds=run.num_rounds - run.start_round,  # NVFlare counts the rounds still to run
+        start_round=run.start_round,
         persistor_id="persistor",
         fedprox_mu=run.fedprox_mu,
         min_responses=run.min_responses,
