@@ -109,7 +109,6 @@ class KeyGroupWorkflow(ModelController):
     def __init__(self, run: KeyGroupRunConfig, output_dir: str = "keygroups", over_holders_only: bool = True):
         # Site errors are handled here (the site is left out of the round), not by NVFlare's panic.
         super().__init__(persistor_id="", ignore_result_error=True)
-        self.run_settings = run
         self.num_rounds = int(run.num_rounds)
         self.task_timeout = int(run.task_timeout)
         self.min_sites = int(run.min_sites)

@@ -91,27 +91,26 @@ def _make_presets() -> dict[str, Preset]:
 PRESETS: dict[str, Preset] = _make_presets()
 
 
-def scaled_sites(preset: Preset, num_sites: int | None) -> dict[str, tuple[str, ...]]:
-    """The preset's sites with its `site-N` hospitals repeated in turn up to `num_sites`
-    (site-4 holds what site-1 holds, ...); other sites (a FedMEPD server) stay as they are.
+def _model_sites(preset: Preset, num_sites: int | None) -> dict[str, str]:
+    """Site name -> the preset site it copies: its `site-N` hospitals repeated in turn up to
+    `num_sites` (site-4 copies site-1, ...); other sites (a FedMEPD server) copy themselves.
     None keeps the preset's own."""
     hospitals = [s for s in preset.sites if s.startswith("site-")]
     if num_sites is None or num_sites == len(hospitals):
-        return dict(preset.sites)
+        return {s: s for s in preset.sites}
     if not hospitals:
         raise ValueError(f"preset {preset.name!r} has no site-N hospitals to repeat")
     if int(num_sites) < 1:
         raise ValueError(f"num_sites must be at least 1, got {num_sites}")
-    others = {s: m for s, m in preset.sites.items() if s not in hospitals}
-    repeated = {f"site-{k}": preset.sites[hospitals[(k - 1) % len(hospitals)]] for k in range(1, int(num_sites) + 1)}
-    return {**others, **repeated}
+    others = {s: s for s in preset.sites if s not in hospitals}
+    return {**others, **{f"site-{k}": hospitals[(k - 1) % len(hospitals)] for k in range(1, int(num_sites) + 1)}}
+
+
+def scaled_sites(preset: Preset, num_sites: int | None) -> dict[str, tuple[str, ...]]:
+    """The preset's sites scaled to `num_sites` hospitals (`_model_sites`): name -> modalities."""
+    return {site: preset.sites[model] for site, model in _model_sites(preset, num_sites).items()}
 
 
 def scaled_case_counts(preset: Preset, num_sites: int | None) -> dict[str, int]:
     """Default training cases per site of `scaled_sites` (a repeated site takes its model's count)."""
-    hospitals = [s for s in preset.sites if s.startswith("site-")]
-    counts = {}
-    for site in scaled_sites(preset, num_sites):
-        model = site if site in preset.sites else hospitals[(int(site.split("-")[1]) - 1) % len(hospitals)]
-        counts[site] = preset.cases_per_site[model]
-    return counts
+    return {site: preset.cases_per_site[model] for site, model in _model_sites(preset, num_sites).items()}
