@@ -7,8 +7,13 @@ validates again and sends its weights. The benchmark times:
    thread: seconds per round from the server log (round 0, which includes each site's data
    loading, is left out);
 2. the same per-round site work with no federation: one process per site, all at once (as the
-   simulator runs them), each doing load weights -> validate -> train -> validate per round;
-3. the same work one site after the other in a single process (the total CPU work).
+   simulator runs them), each doing load weights -> validate -> train -> validate per round,
+   the rounds in step (each starts when the last site finished the one before, as in FedAvg);
+3. the same, each site at its own pace (what the README reported before: a faster site starts
+   its next round while a slower one finishes, so the slowest round is shorter than in step);
+4. the same work one site after the other in a single process (the total CPU work).
+
+(1) and (2) alternate `--repeats` times and the medians are compared.
 
 The overhead ratio is (1) / (2): what NVFlare's task exchange, serialisation, aggregation and
 polling add to a round. The machine load average is printed, because the machine may be shared.
@@ -43,33 +48,82 @@ def job_settings(**values) -> dict:
 # ----------------------------------------------------------------------------- no federation
 
 
-def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threads: int) -> dict:
-    """One site's FedAvg work without NVFlare: per round validate, train, validate (weights stay local)."""
+def prepare_worker(site: str, root: Path, num_threads: int):
+    """A site's trainer, loader and validation volumes, built from the job's own settings."""
     import torch
 
     from fedmodal.baselines.data import load_volumes, site_data, train_loader
-    from fedmodal.baselines.trainer import SegTrainer, flat_metrics
+    from fedmodal.baselines.trainer import SegTrainer
     from fedmodal.fl.site import prepare_site
 
     torch.set_num_threads(num_threads)
     settings = job_settings(**{"site.data_root": str(root)})  # the job's settings: the site's exact work
     cfg = settings["seg"]
-    setup = time.time()
     site_ = prepare_site(site, settings["site"], settings["fedavg"].seed, include_synthetic=cfg.include_synthetic)
     data = site_data(site_.manifest, cfg.include_synthetic)
     loader = train_loader(data.cases("train"), cfg, site_.seed)
     volumes = load_volumes(data.validation_cases())
-    trainer = SegTrainer(cfg, seed=site_.seed)
+    return SegTrainer(cfg, seed=site_.seed), loader, volumes
+
+
+def one_round(worker, local_epochs: int) -> None:
+    """A FedAvg site's round without NVFlare: take the weights, validate, train, validate."""
+    from fedmodal.baselines.trainer import flat_metrics
+
+    trainer, loader, volumes = worker
+    trainer.load_weights(trainer.state_numpy())  # what receiving the global model costs locally
+    flat_metrics(trainer.score(volumes))
+    trainer.train_epochs(loader, local_epochs)
+    flat_metrics(trainer.score(volumes))
+
+
+def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threads: int) -> dict:
+    """One site's rounds, each timed on its own (no waiting for the other sites)."""
+    setup = time.time()
+    worker = prepare_worker(site, root, num_threads)
     setup = time.time() - setup
     times = []
     for _ in range(rounds):
         start = time.time()
-        trainer.load_weights(trainer.state_numpy())  # what receiving the global model costs locally
-        flat_metrics(trainer.score(volumes))
-        trainer.train_epochs(loader, local_epochs)
-        flat_metrics(trainer.score(volumes))
+        one_round(worker, local_epochs)
         times.append(time.time() - start)
     return {"site": site, "setup_s": setup, "round_s": times}
+
+
+def lockstep_worker(site: str, root: Path, rounds: int, local_epochs: int, barrier, results) -> None:
+    """One site's rounds in step with the others, as FedAvg's rounds are: every round starts
+    when the last site finished the one before. Puts the barrier's release times in `results`."""
+    worker = prepare_worker(site, root, 1)
+    barrier.wait()
+    releases = [time.time()]
+    for _ in range(rounds):
+        one_round(worker, local_epochs)
+        barrier.wait()
+        releases.append(time.time())
+    results.put({"site": site, "releases": releases})
+
+
+def run_lockstep(sites: list[str], root: Path, rounds: int, local_epochs: int) -> dict:
+    """The sites' rounds without NVFlare, one process each, synchronised per round."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(len(sites)), context.Queue()
+    os.environ["OMP_NUM_THREADS"] = "1"  # as the simulator's clients get it
+    start = time.time()
+    procs = [
+        context.Process(target=lockstep_worker, args=(site, root, rounds, local_epochs, barrier, results))
+        for site in sites
+    ]
+    for proc in procs:
+        proc.start()
+    outputs = sorted((results.get() for _ in sites), key=lambda o: o["site"])
+    for proc in procs:
+        proc.join()
+    wall = time.time() - start
+    releases = outputs[0]["releases"]
+    per_round = [b - a for a, b in zip(releases[1:-1], releases[2:])]  # the first round is not timed
+    return {"wall_s": wall, "round_s": sum(per_round) / len(per_round), "releases": releases}
 
 
 def run_local(sites: list[str], root: Path, rounds: int, local_epochs: int, parallel: bool) -> dict:
@@ -148,6 +202,11 @@ def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, 
 # ----------------------------------------------------------------------------- main
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run whose seconds per round are the median (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["round_s"])[(len(runs) - 1) // 2]
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -163,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
     parser.add_argument("--rounds", type=int, default=4, help="rounds (>= 2; the first is not timed)")
     parser.add_argument("--local-epochs", type=int, default=None, help="default: the job's")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating federated and local runs (medians)")
     parser.add_argument("--out", default=None, help="also write the table and numbers here (JSON + Markdown)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -178,14 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     root = resolve_root(args.data_root, "modalitybank-missing")
     epochs = args.local_epochs or job_settings()["fedavg"].local_epochs
     load_before = load_average()
-    with tempfile.TemporaryDirectory(prefix="bench-fedavg-") as work:
-        fed = run_simulator(args.sites, root, args.rounds, epochs, Path(work))
+    # Federated and local runs alternate, each pair in turns of order, so that the machine's
+    # drift in speed between runs (up to a third here) falls on both sides alike.
+    fed_runs, local_runs = [], []
+    for repeat in range(args.repeats):
+        for kind in ("simulator", "local") if repeat % 2 == 0 else ("local", "simulator"):
+            if kind == "simulator":
+                with tempfile.TemporaryDirectory(prefix="bench-fedavg-") as work:
+                    fed_runs.append(run_simulator(args.sites, root, args.rounds, epochs, Path(work)))
+            else:
+                local_runs.append(run_lockstep(args.sites, root, args.rounds, epochs))
+    fed, lockstep = median_run(fed_runs), median_run(local_runs)
     parallel = run_local(args.sites, root, args.rounds, epochs, parallel=True)
     sequential = run_local(args.sites, root, args.rounds, epochs, parallel=False)
     load_after = load_average()
 
     rows = [
-        ("no federation, one process per site at once", parallel),
+        ("no federation, one process per site, rounds in step (as FedAvg's)", lockstep),
+        ("no federation, one process per site, each at its own pace", parallel),
         ("NVFlare simulator FedAvg (one thread per site)", fed),
         ("no federation, sites one after another", sequential),
     ]
@@ -198,8 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, result in rows:
         lines.append(
-            f"| {name} | {result['round_s']:.2f} | {result['wall_s']:.1f} | {result['round_s'] / parallel['round_s']:.2f} |"
+            f"| {name} | {result['round_s']:.2f} | {result['wall_s']:.1f} | {result['round_s'] / lockstep['round_s']:.2f} |"
         )
+    if args.repeats > 1:
+        lines += [
+            "",
+            f"Medians of {args.repeats} alternating runs; per run (federated / local s per round): "
+            + ", ".join(f"{f['round_s']:.2f} / {p['round_s']:.2f}" for f, p in zip(fed_runs, local_runs)),
+        ]
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -210,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "simulator": fed,
+                    "lockstep": lockstep,
                     "parallel": parallel,
+                    "simulator_runs": fed_runs,
+                    "lockstep_runs": local_runs,
                     "sequential": sequential,
                     "load_before": load_before,
                     "load_after": load_after,

@@ -2,11 +2,16 @@
 
 Both sides run the same code on the same phantom data, batch and networks (the job's own
 config): the centralised run hands the coordinator's payloads straight to in-process site
-workers; the federated run is `nvflare simulator` on jobs/modalitybank with only the step
-counts changed. Also reports bytes per step per site (from the payload audit) and the bank's
-size against the frozen generator.
+workers; the federated runs are `nvflare simulator` on jobs/modalitybank with only the step
+counts changed, and the same job deployed: `provisioning/project.yml` provisioned into a
+temporary folder, the server and three hospitals started from their startup kits as real
+processes over mutual TLS, the job submitted through the FLARE API (`--provisioned`). Also
+reports bytes per step per site (from the payload audit) and the bank's size against the
+frozen generator.
 
     python benchmarks/bench_modalitybank.py --steps 40
+    python benchmarks/bench_modalitybank.py --steps 30 --central-threads 2 \
+        --federated direct:0.05:2 --provisioned direct:0.05:2 direct:0.05:2:adhoc
 """
 
 from __future__ import annotations
@@ -71,10 +76,9 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
     return rates
 
 
-def site_bytes(workspace: Path, site: str) -> dict:
-    """A simulated site's bytes per step (both ways) and at registration, from its payload audit."""
-    path = workspace / site / "simulate_job/payload_audit.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+def audit_bytes(audit: Path) -> dict:
+    """A site's bytes per step (both ways) and at registration, from its payload audit."""
+    records = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
 
     def size(record: dict) -> int:
         return sum(i["bytes"] or 0 for i in record["items"].values())
@@ -85,13 +89,17 @@ def site_bytes(workspace: Path, site: str) -> dict:
     return {"bytes_per_step": step_bytes / n_steps, "register_bytes": register_bytes}
 
 
-def federated(steps: int, data_root: Path, transport: str, task_request_interval: float, server_threads: int) -> dict:
-    """Steps per second per phase and bytes per step per site, from a simulator run."""
-    from fedmodal.fl.allow_list import customize_simulator
-    from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import export_job, route_settings
+def site_bytes(workspace: Path, site: str) -> dict:
+    """A simulated site's bytes per step and at registration."""
+    return audit_bytes(workspace / site / "simulate_job/payload_audit.jsonl")
 
-    work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
+
+def export_job(dest: Path, steps: int, transport: str, task_poll: float, server_threads: int) -> Path:
+    """jobs/modalitybank with only the step counts and the measured settings changed."""
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import export_job as export
+    from fedmodal.jobs.spec import route_settings
+
     spec = JOBS["modalitybank"]
     values = {
         "pretrain_steps": steps,
@@ -99,13 +107,62 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
         "sample_every": 0,
         "log_every": 10,
         "server.num_threads": server_threads,
+        "server.task_poll": task_poll,
         "step_transport": transport,
     }
-    job = export_job(spec, work / "jobs", route_settings(spec, values))
-    server_file = job / "app/config/config_fed_server.json"
-    config = json.loads(server_file.read_text())
-    config["server"]["task_request_interval"] = task_request_interval
-    server_file.write_text(json.dumps(config))
+    return export(spec, dest, route_settings(spec, values))
+
+
+def wait_split(summary: dict, site_seconds: dict[str, list[float]]) -> dict:
+    """Of each step's wait for the sites: the slowest site's own work (its `site_step_seconds.json`)
+    and the rest, the transport (serialisation, filters, every hop and queue); medians per phase."""
+    phases = list(summary["step_seconds"])
+    counts = [len(summary["wait_seconds"][phase]) for phase in phases]
+    if any(len(s) != sum(counts) for s in site_seconds.values()):  # a site missed steps: no split
+        return {}
+    split, offset = {}, 0
+    for phase, n in zip(phases, counts):
+        slowest = np.max([s[offset : offset + n] for s in site_seconds.values()], axis=0)
+        rest = np.subtract(summary["wait_seconds"][phase], slowest)
+        split[phase] = {
+            "site_compute_s": float(np.median(slowest[WARMUP_STEPS:])),
+            "transport_s": float(np.median(rest[WARMUP_STEPS:])),
+        }
+        offset += n
+    return split
+
+
+def read_site_seconds(folders: dict[str, Path]) -> dict[str, list[float]]:
+    """Each site's compute per step, from the file its executor writes at the end of a run."""
+    from fedmodal.modalitybank.executor import STEP_SECONDS_FILE
+
+    return {
+        site: json.loads((f / "modalitybank" / STEP_SECONDS_FILE).read_text())["seconds"] for site, f in folders.items()
+    }
+
+
+def step_figures(summary: dict, site_seconds: dict[str, list[float]]) -> dict:
+    """Steps per second, median step, wait and server work per phase, from a run's summary.json."""
+    return {
+        "wait_split": wait_split(summary, site_seconds),
+        "steps_per_second": {phase: steady_rate(t) for phase, t in summary["step_seconds"].items()},
+        "median_step_seconds": summary["median_step_seconds"],
+        # Of a median step, the time the server waited for the sites (transport + site work).
+        "median_wait_seconds": summary["median_wait_seconds"],
+        # The rest of a step is the server's own work (G forward, backward, update, bookkeeping).
+        "median_server_seconds": {
+            phase: float(np.median(np.subtract(t, summary["wait_seconds"][phase])[WARMUP_STEPS:]))
+            for phase, t in summary["step_seconds"].items()
+        },
+    }
+
+
+def federated(steps: int, data_root: Path, transport: str, task_poll: float, server_threads: int) -> dict:
+    """Steps per second per phase and bytes per step per site, from a simulator run."""
+    from fedmodal.fl.allow_list import customize_simulator
+
+    work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
+    job = export_job(work / "jobs", steps, transport, task_poll, server_threads)
     customize_simulator(work / "ws")  # the allow-list
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
     nvflare = Path(sys.executable).with_name("nvflare")
@@ -121,21 +178,67 @@ def federated(steps: int, data_root: Path, transport: str, task_request_interval
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     summary = json.loads((work / "ws/server/simulate_job/modalitybank/summary.json").read_text())
-    per_site = {site: site_bytes(work / "ws", site) for site in ("site-1", "site-2", "site-3")}
+    sites = ("site-1", "site-2", "site-3")
+    per_site = {site: site_bytes(work / "ws", site) for site in sites}
+    site_seconds = read_site_seconds({site: work / "ws" / site / "simulate_job" for site in sites})
     shutil.rmtree(work, ignore_errors=True)
-    return {
-        "steps_per_second": {phase: steady_rate(t) for phase, t in summary["step_seconds"].items()},
-        "median_step_seconds": summary["median_step_seconds"],
-        # Of a median step, the time the server waited for the sites (transport + site work).
-        "median_wait_seconds": summary["median_wait_seconds"],
-        # The rest of a step is the server's own work (G forward, backward, update, bookkeeping).
-        "median_server_seconds": {
-            phase: float(np.median(np.subtract(t, summary["wait_seconds"][phase])[WARMUP_STEPS:]))
-            for phase, t in summary["step_seconds"].items()
-        },
-        "wall_seconds": wall,
-        "per_site": per_site,
-    }
+    return {**step_figures(summary, site_seconds), "wall_seconds": wall, "per_site": per_site}
+
+
+PROVISIONED_SITES = ("hospital-1", "hospital-2", "hospital-3")  # provisioning/project.yml's sites
+
+
+def provisioned(
+    steps: int, data_root: Path, transport: str, task_poll: float, server_threads: int, comm: dict | None = None
+) -> dict:
+    """The same job deployed as hospitals run it: `provisioning/project.yml` provisioned into a
+    temporary folder (server `localhost`), server and hospital-1..3 started from their kits as
+    real processes over mutual TLS (hospital-N reads phantom site-N), the job submitted as the
+    project admin through the FLARE API. `comm` is merged into every kit's comm_config.json."""
+    from nvflare.apis.job_def import RunStatus
+
+    from fedmodal.fl.provisioned import ProvisionedFederation
+
+    work = Path(tempfile.mkdtemp(prefix="mb-poc-"))
+    home = work / "home"
+    home.mkdir()
+    saved_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)  # the FLARE API keeps state under HOME: not the user's
+    site_data = {site: data_root / f"site-{i}" for i, site in enumerate(PROVISIONED_SITES, start=1)}
+    try:
+        with ProvisionedFederation(
+            work,
+            REPO / "provisioning/project.yml",
+            REPO / "provisioning/customize_site.py",
+            site_data,
+            env={**os.environ, "HOME": str(home)},
+            comm_config=comm,
+        ) as fed:
+            job = export_job(work / "jobs", steps, transport, task_poll, server_threads)
+            job_id, meta, wall = fed.run_job(job, timeout=3600)
+            if meta.get("status") != RunStatus.FINISHED_COMPLETED.value:
+                raise RuntimeError(f"job {job_id} ended {meta.get('status')}; logs in {fed.logs}")
+            result = Path(fed.admin.download_job_result(job_id, destination=str(work / "result")))
+            summary = json.loads(next(result.rglob("modalitybank/summary.json")).read_text())
+            per_site = {site: audit_bytes(fed.prod / site / job_id / "payload_audit.jsonl") for site in fed.sites}
+            site_seconds = read_site_seconds({site: fed.prod / site / job_id for site in fed.sites})
+            startup = fed.startup_seconds
+    finally:
+        if saved_home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = saved_home
+    shutil.rmtree(work, ignore_errors=True)
+    figures = step_figures(summary, site_seconds)
+    return {**figures, "wall_seconds": wall, "startup_seconds": startup, "per_site": per_site}
+
+
+def parse_deployed(spec: str) -> tuple:
+    """ "direct:0.05:2[:adhoc]" -> (transport, task_poll, server threads, comm_config)."""
+    transport, interval, threads, *extra = spec.split(":")
+    if extra not in ([], ["adhoc"]):
+        raise SystemExit(f"--provisioned {spec!r}: the optional fourth field is 'adhoc'")
+    return transport, float(interval), int(threads), ({"allow_adhoc_conns": True} if extra else None)
 
 
 def bank_sizes() -> list[dict]:
@@ -161,7 +264,15 @@ def main() -> int:
         nargs="+",
         default=["direct:0.05:2", "direct:0.05:1", "task:0.05:2", "task:0.05:1", "task:2.0:1"],
         metavar="TRANSPORT:INTERVAL:THREADS",
-        help="simulator runs: step transport (direct or task), server task_request_interval (s), server torch threads",
+        help="simulator runs: step transport (direct or task), server task_poll (s), server torch threads",
+    )
+    parser.add_argument(
+        "--provisioned",
+        nargs="*",
+        default=["direct:0.05:2"],
+        metavar="TRANSPORT:INTERVAL:THREADS[:adhoc]",
+        help="deployed runs (provisioned, mutual TLS, real processes): as --federated; ':adhoc' lets "
+        "the job processes connect directly (NVFlare's allow_adhoc_conns) instead of through their parents",
     )
     parser.add_argument(
         "--busy",
@@ -192,6 +303,9 @@ def run(args: argparse.Namespace) -> int:
     results["central_steps_per_second"] = {str(t): central(args.steps, data_root, t) for t in args.central_threads}
     specs = {spec: (kind, float(i), int(t)) for spec in args.federated for kind, i, t in [spec.split(":")]}
     results["federated"] = {spec: federated(args.steps, data_root, *setting) for spec, setting in specs.items()}
+    results["provisioned"] = {
+        spec: provisioned(args.steps, data_root, *parse_deployed(spec)) for spec in args.provisioned
+    }
     results["bank"] = bank_sizes()
 
     print(
@@ -215,16 +329,28 @@ def run(args: argparse.Namespace) -> int:
         for threads, rates in by_threads.items()
         for phase, p in rates["median_parts"].items()
     ]
-    for spec, fed in results["federated"].items():
-        transport, interval, threads = spec.split(":")
+    runs = [("simulator", spec, fed) for spec, fed in results["federated"].items()]
+    runs += [("provisioned (mTLS)", spec, fed) for spec, fed in results["provisioned"].items()]
+    for mode, spec, fed in runs:
+        transport, interval, threads, *extra = spec.split(":")
         f, w, own = fed["steps_per_second"], fed["median_wait_seconds"], fed["median_server_seconds"]
         print(
-            f"| simulator, {transport} steps, task_request_interval {interval} s, server {threads} thread(s) | "
+            f"| {mode}, {transport} steps, task_poll {interval} s, server {threads} thread(s)"
+            f"{', ad-hoc connections' if extra else ''} | "
             f"{f['pretrain']:.3f} | {f['bank']:.3f} | "
             f"{f['pretrain'] / c['pretrain']:.2f}, {f['bank'] / c['bank']:.2f} | "
             f"{w['pretrain'] * 1000:.0f} ms, {w['bank'] * 1000:.0f} ms | "
             f"{own['pretrain'] * 1000:.0f} ms, {own['bank'] * 1000:.0f} ms |"
         )
+    print("\n| run | phase | server's own work (ms) | slowest site's work (ms) | transport (ms) |")
+    print("|---|---|---|---|---|")
+    for mode, spec, fed in runs:
+        for phase, part in fed["wait_split"].items():
+            own = fed["median_server_seconds"][phase] * 1000
+            print(
+                f"| {mode}, {spec} | {phase} | {own:.0f} | {part['site_compute_s'] * 1000:.0f} | "
+                f"{part['transport_s'] * 1000:.0f} |"
+            )
     print("\n| central threads | phase | G forward (ms) | 3 sites' D steps (ms) | G backward + update (ms) |")
     print("|---|---|---|---|---|")
     print("\n".join(split_lines))

@@ -161,3 +161,33 @@ def test_poc_kits_get_the_allow_list_before_they_start(tmp_path):
     assert sorted(p.parent.parent.name for p in written) == ["server", "site-1"]  # not the admin kit
     resources = json.loads((local / "resources.json").read_text())
     assert "fedmodal." in resources["class_allow_list"] and resources["components"] == []
+
+
+@pytest.mark.parametrize("name", ["fedavg", "mixmfl", "fedmepd", "modalitybank"])
+def test_one_poll_setting_drives_the_sites_task_requests_and_the_workflows_checks(name, tmp_path):
+    from fedmodal.fl.timing import TASK_POLL_SECONDS
+
+    def server_config(folder: Path) -> dict:
+        return json.loads((folder / "app/config/config_fed_server.json").read_text())
+
+    def workflow_polls(config: dict) -> list[float]:
+        """The poll each training workflow was given, however its arguments are laid out."""
+        found = []
+        for workflow in config["workflows"]:
+            args = workflow["args"]
+            if "task_check_period" in args:
+                found.append(args["task_check_period"])
+            found += [
+                section["task_poll"]
+                for section in args.values()
+                if isinstance(section, dict) and "task_poll" in section
+            ]
+        return found
+
+    committed = server_config(COMMITTED / name)
+    assert committed["server"]["task_request_interval"] == TASK_POLL_SECONDS  # NVFlare's own default is 2 s
+    assert workflow_polls(committed) == [TASK_POLL_SECONDS]
+    spec = JOBS[name]
+    slower = server_config(export_job(spec, tmp_path, route_settings(spec, {"task_poll": 0.4})))
+    assert slower["server"]["task_request_interval"] == 0.4
+    assert workflow_polls(slower) == [0.4]

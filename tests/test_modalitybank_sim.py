@@ -109,7 +109,11 @@ def test_job_trains_and_leaves_its_outputs(simulated_run):
     assert summary["steps"] == {"pretrain": 2, "bank": 3}
     assert summary["sites"]["site-2"]["shares_masks"] is False
     for site in ("site-1", "site-2", "site-3"):
-        assert (workspace / site / "simulate_job" / "modalitybank" / "grids" / "final.png").is_file()
+        site_out = workspace / site / "simulate_job" / "modalitybank"
+        assert (site_out / "grids" / "final.png").is_file()
+        # The site's own seconds per step stay beside its grids (benchmarks split the wait with them).
+        timing = json.loads((site_out / "site_step_seconds.json").read_text())
+        assert timing["steps"] == len(timing["seconds"]) == 5 and all(t > 0 for t in timing["seconds"])
     progress = [line for line in log.splitlines() if "progress {" in line]
     assert len(progress) == 5
     record = json.loads(progress[-1].split("progress ", 1)[1])

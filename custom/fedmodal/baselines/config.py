@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmodal.config import Settings
+from fedmodal.fl.timing import TASK_POLL_SECONDS, WAIT_AFTER_MIN_SECONDS
 
 LOSSES = ("dicece", "dicefocal")
 # The fields `fedmodal.baselines.data.train_loader` reads to draw training samples.
@@ -222,6 +223,8 @@ class FederatedSegConfig(Settings):
             all, the federation goes on while a hospital is offline.
         wait_after_min: seconds the remaining sites get once `min_responses` have answered.
         round_timeout: seconds a round may last at most (0: no limit).
+        task_poll: seconds between the workflow's checks for results, and between an idle
+            site's task requests (NVFlare's defaults 0.5 s and 2 s cost a short round a sixth).
         resume_from: the server's `FL_global_model.pt` of an earlier run (NVFlare's persistor
             writes it after every round): training starts from it, at round `start_round`.
         start_round: rounds that earlier run completed; the run trains the rest up to `num_rounds`.
@@ -234,8 +237,9 @@ class FederatedSegConfig(Settings):
     seed: int = 0
     key_metric: str = "val_dice"
     min_responses: int = 0
-    wait_after_min: int = 60
+    wait_after_min: int = WAIT_AFTER_MIN_SECONDS
     round_timeout: int = 0
+    task_poll: float = TASK_POLL_SECONDS
     resume_from: str = ""
     start_round: int = 0
     submit_model_timeout: int = 600

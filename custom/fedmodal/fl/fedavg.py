@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from fedmodal.fl.timing import WAIT_AFTER_MIN_SECONDS
+
 
 class TolerantFedAvg(FedAvg):
     """FedAvg whose rounds need `min_responses` sites, not all of them.
@@ -24,7 +26,14 @@ class TolerantFedAvg(FedAvg):
 
     _always_serialize_args = ("min_responses", "wait_after_min", "round_timeout")  # shown in exported jobs
 
-    def __init__(self, *args, min_responses: int = 0, wait_after_min: int = 60, round_timeout: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        min_responses: int = 0,
+        wait_after_min: int = WAIT_AFTER_MIN_SECONDS,
+        round_timeout: int = 0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.min_responses = int(min_responses)
         self.wait_after_min = int(wait_after_min)

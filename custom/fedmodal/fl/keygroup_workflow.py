@@ -46,6 +46,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from fedmodal.atomic import save_atomically, write_json_atomically
 from fedmodal.config import Settings
 from fedmodal.fl.keygroups import META_MODALITIES, META_NUM_SAMPLES, KeyGroupAggregator, KeyGroups
+from fedmodal.fl.timing import TASK_POLL_SECONDS, WAIT_AFTER_MIN_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class KeyGroupRunConfig(Settings):
         wait_after_min: seconds the other sites get once `min_sites` have answered a task;
             a site still silent then is left out of that round and asked to rejoin.
         task_timeout: seconds a round's task may last at most (0: no limit).
+        task_poll: seconds between the workflow's checks for answers, and between an idle
+            site's task requests.
         resume_from: the `checkpoint.pt` of an earlier run (model, method state and round).
         seed: run seed (initial weights; each site derives its own seed from it and its name).
     """
@@ -82,8 +85,9 @@ class KeyGroupRunConfig(Settings):
     num_rounds: int = 10
     local_epochs: int = 1
     min_sites: int = 2
-    wait_after_min: int = 60
+    wait_after_min: int = WAIT_AFTER_MIN_SECONDS
     task_timeout: int = 3600
+    task_poll: float = TASK_POLL_SECONDS
     resume_from: str = ""
     seed: int = 0
 
@@ -108,7 +112,7 @@ class KeyGroupWorkflow(ModelController):
 
     def __init__(self, run: KeyGroupRunConfig, output_dir: str = "keygroups", over_holders_only: bool = True):
         # Site errors are handled here (the site is left out of the round), not by NVFlare's panic.
-        super().__init__(persistor_id="", ignore_result_error=True)
+        super().__init__(persistor_id="", ignore_result_error=True, task_check_period=float(run.task_poll))
         self.num_rounds = int(run.num_rounds)
         self.task_timeout = int(run.task_timeout)
         self.min_sites = int(run.min_sites)

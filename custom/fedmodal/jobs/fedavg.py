@@ -6,6 +6,7 @@ from nvflare.job_config.api import FedJob
 
 from fedmodal.baselines.config import FederatedSegConfig, SegConfig
 from fedmodal.fl.site import SiteConfig
+from fedmodal.fl.timing import server_params
 from fedmodal.jobs.spec import JobSpec, add_payload_audit
 
 TASKS = ["train", "validate", "submit_model"]
@@ -35,6 +36,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     persistor = PTFileModelPersistor(
         model=NamedSegmentationNet(seg.net), source_ckpt_file_full_name=run.resume_from or None
     )
+    job.to_server(server_params(run.task_poll))
     job.to_server(persistor, id="persistor")
     job.to_server(IntimeModelSelector(key_metric=run.key_metric), id="model_selector")
     job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
@@ -49,6 +51,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
         min_responses=run.min_responses,
         wait_after_min=run.wait_after_min,
         round_timeout=run.round_timeout,
+        task_check_period=run.task_poll,
     )
     job.to_server(fedavg, id="fedavg")
     cse = CrossSiteModelEval(

@@ -8,6 +8,7 @@ from fedmodal.fedmepd.config import FedMEPDConfig
 from fedmodal.fedmepd.workflow import FedMEPDServerConfig
 from fedmodal.fl.keygroup_workflow import TASKS
 from fedmodal.fl.site import SiteConfig
+from fedmodal.fl.timing import server_params
 from fedmodal.jobs.spec import JobSpec, add_payload_audit
 
 
@@ -16,6 +17,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     from fedmodal.fedmepd.workflow import FedMEPDController
 
     job = FedJob(name=name, min_clients=min_clients)
+    job.to_server(server_params(settings["server"].task_poll))
     controller = FedMEPDController(fedmepd=settings["fedmepd"].to_dict(), server=settings["server"].to_dict())
     job.to_server(controller, id="fedmepd")
     job.to_clients(FedMEPDExecutor(site=settings["site"].to_dict()), tasks=list(TASKS))

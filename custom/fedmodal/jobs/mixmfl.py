@@ -6,6 +6,7 @@ from nvflare.job_config.api import FedJob
 
 from fedmodal.fl.keygroup_workflow import TASKS
 from fedmodal.fl.site import SiteConfig
+from fedmodal.fl.timing import server_params
 from fedmodal.jobs.spec import JobSpec, add_payload_audit
 from fedmodal.mixmfl.config import MixMFLConfig
 from fedmodal.mixmfl.workflow import MixMFLServerConfig
@@ -16,6 +17,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     from fedmodal.mixmfl.workflow import MixMFLController
 
     job = FedJob(name=name, min_clients=min_clients)
+    job.to_server(server_params(settings["server"].task_poll))
     job.to_server(
         MixMFLController(mixmfl=settings["mixmfl"].to_dict(), server=settings["server"].to_dict()), id="mixmfl"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nvflare.job_config.api import FedJob
 
+from fedmodal.fl.timing import server_params
 from fedmodal.jobs.spec import JobSpec, add_payload_audit
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, ControllerConfig, GeneratorConfig
@@ -12,8 +13,6 @@ TASKS = [P.TASK_REGISTER, P.TASK_STEP, P.TASK_PREVIEW]
 # NVFlare 2.9 otherwise ships every numpy array by a second download round trip, which costs
 # more than it saves for a step's ~200 KB.
 INLINE_NUMPY = {"np_download_chunk_size": 0}
-# Registration and previews are tasks; sites poll for them at this interval (NVFlare's default 2 s).
-SERVER_PARAMS = {"server": {"heart_beat_timeout": 600, "task_request_interval": 0.05}}
 
 
 def build(name: str, settings: dict, min_clients: int) -> FedJob:
@@ -22,7 +21,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
 
     workflow_id = "asyndgan" if settings["generator"].mode == "asyndgan" else "modalitybank"
     job = FedJob(name=name, min_clients=min_clients)
-    job.to_server({**INLINE_NUMPY, **SERVER_PARAMS})
+    job.to_server({**INLINE_NUMPY, **server_params(settings["server"].task_poll)})
     controller = ModalityBankController(generator=settings["generator"].to_dict(), server=settings["server"].to_dict())
     job.to_server(controller, id=workflow_id)
     job.to_clients(INLINE_NUMPY)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fedmodal import MODALITIES
 from fedmodal.config import Settings
 from fedmodal.fl.site import SiteConfig
+from fedmodal.fl.timing import TASK_POLL_SECONDS
 
 MODES = ("bank", "asyndgan")
 STEP_TRANSPORTS = ("direct", "task")
@@ -116,7 +117,8 @@ class ControllerConfig(Settings):
             `fedmodal pretrain-generator` on a dataset the server holds); skips pretraining.
         device: "auto", "cpu" or "cuda[:i]".
         num_threads: torch CPU threads at the server (0 keeps torch's default).
-        task_check_period: how often the workflow checks for finished tasks (seconds).
+        task_poll: seconds between the workflow's checks for finished tasks, and between an
+            idle site's task requests (registration and previews are tasks).
         step_transport: how step payloads travel. "direct" pushes them to the sites as NVFlare
             aux messages through the same filters as tasks (one round trip per step); "task"
             sends NVFlare tasks, which wait for each site's next poll.
@@ -138,7 +140,7 @@ class ControllerConfig(Settings):
     pretrained_generator: str = ""
     device: str = "auto"
     num_threads: int = 0
-    task_check_period: float = 0.05
+    task_poll: float = TASK_POLL_SECONDS
     step_transport: str = "direct"
     wire_precision: str = "float32"
 

@@ -55,7 +55,7 @@ class ModalityBankController(Controller):
         self.server = dict(server or {})
         self.generator_config = GeneratorConfig.from_dict(self.generator, where="the controller's generator")
         self.run_config = ControllerConfig.from_dict(self.server, where="the controller's server settings")
-        super().__init__(task_check_period=self.run_config.task_check_period)
+        super().__init__(task_check_period=self.run_config.task_poll)
         self.out_dir: Path | None = None
         self.writer = None
         self.sender = DirectSender()

@@ -6,8 +6,10 @@ task's payload to a `SiteWorker`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -16,11 +18,14 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
+from fedmodal.atomic import write_json_atomically
 from fedmodal.fl.direct import serve_direct
 from fedmodal.fl.site import prepare_site
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig
 from fedmodal.modalitybank.site_worker import SiteWorker, build_site_worker
+
+STEP_SECONDS_FILE = "site_step_seconds.json"
 
 
 class ModalityBankExecutor(Executor):
@@ -43,6 +48,7 @@ class ModalityBankExecutor(Executor):
         self.worker: SiteWorker | None = None
         self.run_id: str | None = None
         self._direct_registered = False
+        self.step_seconds: list[float] = []  # this site's own work per step (kept here, for benchmarks)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         # Steps may also come as direct messages (the controller's step_transport "direct").
@@ -63,16 +69,20 @@ class ModalityBankExecutor(Executor):
                 else:
                     self.worker = self._build_worker(config, fl_ctx)
                     self.run_id = config[P.RUN_ID]
+                    self.step_seconds = []
                     if config.get(P.RESUME_STEP) is not None:
                         self.log_info(fl_ctx, self.worker.load_state(int(config[P.RESUME_STEP])))
                 reply = self.worker.registration()
             elif self.worker is None:
                 raise RuntimeError(f"site {site}: {task_name} before registration (was the site process restarted?)")
             elif task_name == P.TASK_STEP:
+                started = time.perf_counter()
                 reply = self.worker.step(payload)
+                self.step_seconds.append(time.perf_counter() - started)
             elif task_name == P.TASK_PREVIEW:
                 path = self.worker.preview(payload)
                 self.worker.save()
+                self._write_step_seconds()
                 self.log_info(fl_ctx, f"site {site}: real vs synthetic grid written to {path}")
                 reply = {}
             else:
@@ -81,6 +91,13 @@ class ModalityBankExecutor(Executor):
         except Exception as e:  # the server stops the run naming this site; the trace is in this log
             self.log_exception(fl_ctx, f"site {site}: {task_name} failed: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _write_step_seconds(self) -> None:
+        """The site's compute per step, beside its grids: with the server's wait per step it
+        tells the transport from the site's work. Stays at the site."""
+        seconds = self.step_seconds
+        record = {"steps": len(seconds), "median_s": float(np.median(seconds)) if seconds else None, "seconds": seconds}
+        write_json_atomically(self.worker.out_dir / STEP_SECONDS_FILE, record)
 
     def _state_root(self, fl_ctx: FLContext) -> Path:
         if self.site_config.state_dir:
