@@ -141,10 +141,12 @@ def read_site_seconds(folders: dict[str, Path]) -> dict[str, list[float]]:
     }
 
 
-def step_figures(summary: dict, site_seconds: dict[str, list[float]]) -> dict:
-    """Steps per second, median step, wait and server work per phase, from a run's summary.json."""
+def step_figures(summary: dict, site_seconds: dict[str, list[float]] | None = None) -> dict:
+    """Steps per second, median step, wait and server work per phase, from a run's summary.json;
+    with the sites' own step times, also the split of the wait (`wait_split`)."""
+    figures = {"wait_split": wait_split(summary, site_seconds)} if site_seconds is not None else {}
     return {
-        "wait_split": wait_split(summary, site_seconds),
+        **figures,
         "steps_per_second": {phase: steady_rate(t) for phase, t in summary["step_seconds"].items()},
         "median_step_seconds": summary["median_step_seconds"],
         # Of a median step, the time the server waited for the sites (transport + site work).
@@ -345,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n| run | phase | server's own work (ms) | slowest site's work (ms) | transport (ms) |")
     print("|---|---|---|---|---|")
     for mode, spec, fed in runs:
+        if not fed["wait_split"]:  # a site's step times do not line up with the server's steps
+            print(f"| {mode}, {spec} | n/a: a site missed steps | | | |")
         for phase, part in fed["wait_split"].items():
             own = fed["median_server_seconds"][phase] * 1000
             print(

@@ -26,11 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fedavg import run_simulator as fedavg_round_seconds  # noqa: E402
-from bench_modalitybank import WARMUP_STEPS, site_bytes, steady_rate  # noqa: E402
+from bench_modalitybank import site_bytes, step_figures  # noqa: E402
 from report import publish  # noqa: E402
 
 WORKER = "nvflare.private.fed.app.simulator.simulator_worker"
@@ -98,13 +96,7 @@ def modalitybank(num_sites: int, data: Path, steps: int, work: Path) -> dict:
     per_site = [site_bytes(work / "ws", s)["bytes_per_step"] for s in sites]
     return {
         "wall_s": round(wall, 1),
-        "steps_per_second": {p: steady_rate(t) for p, t in summary["step_seconds"].items()},
-        "median_step_s": summary["median_step_seconds"],
-        "median_wait_s": summary["median_wait_seconds"],
-        "median_server_s": {
-            p: float(np.median(np.subtract(t, summary["wait_seconds"][p])[WARMUP_STEPS:]))
-            for p, t in summary["step_seconds"].items()
-        },
+        **step_figures(summary),
         "server_peak_gb": round(memory.largest(workers=False), 2),
         "site_peak_gb": round(memory.largest(workers=True), 2),
         "bytes_per_step_per_site": {"min": min(per_site), "max": max(per_site)},
@@ -146,9 +138,9 @@ def main() -> int:
         mb = r["modalitybank"]
         rates, step, server, wait = (
             mb["steps_per_second"],
-            mb["median_step_s"],
-            mb["median_server_s"],
-            mb["median_wait_s"],
+            mb["median_step_seconds"],
+            mb["median_server_seconds"],
+            mb["median_wait_seconds"],
         )
         lines.append(
             f"| {n} | {rates['pretrain']:.2f} | {rates['bank']:.2f} | {step['pretrain']:.2f} / {step['bank']:.2f} | "
