@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,12 +192,13 @@ PROVISIONED_SITES = ("hospital-1", "hospital-2", "hospital-3")  # provisioning/p
 
 
 def provisioned(
-    steps: int, data_root: Path, transport: str, task_poll: float, server_threads: int, comm: dict | None = None
+    steps: int, data_root: Path, transport: str, task_poll: float, server_threads: int, customize: tuple = ()
 ) -> dict:
     """The same job deployed as hospitals run it: `provisioning/project.yml` provisioned into a
     temporary folder (server `localhost`), server and hospital-1..3 started from their kits as
     real processes over mutual TLS (hospital-N reads phantom site-N), the job submitted as the
-    project admin through the FLARE API. `comm` is merged into every kit's comm_config.json."""
+    project admin through the FLARE API. `customize` are further arguments to
+    provisioning/customize_site.py (`--direct-links`)."""
     from nvflare.apis.job_def import RunStatus
 
     from fedmodal.fl.provisioned import ProvisionedFederation
@@ -214,7 +216,7 @@ def provisioned(
             REPO / "provisioning/customize_site.py",
             site_data,
             env={**os.environ, "HOME": str(home)},
-            comm_config=comm,
+            customize_args=customize,
         ) as fed:
             job = export_job(work / "jobs", steps, transport, task_poll, server_threads)
             job_id, meta, wall = fed.run_job(job, timeout=3600)
@@ -224,6 +226,7 @@ def provisioned(
             summary = json.loads(next(result.rglob("modalitybank/summary.json")).read_text())
             per_site = {site: audit_bytes(fed.prod / site / job_id / "payload_audit.jsonl") for site in fed.sites}
             site_seconds = read_site_seconds({site: fed.prod / site / job_id for site in fed.sites})
+            direct = {site: direct_links(fed.prod / site / job_id / "log.txt") for site in fed.sites}
             startup = fed.startup_seconds
     finally:
         if saved_home is None:
@@ -232,15 +235,42 @@ def provisioned(
             os.environ["HOME"] = saved_home
     shutil.rmtree(work, ignore_errors=True)
     figures = step_figures(summary, site_seconds)
-    return {**figures, "wall_seconds": wall, "startup_seconds": startup, "per_site": per_site}
+    return {**figures, "wall_seconds": wall, "startup_seconds": startup, "per_site": per_site, "direct_links": direct}
+
+
+def direct_links(job_log: Path) -> dict:
+    """What a site's job log says of direct (ad-hoc) links to the server's job process: the
+    connectors NVFlare made (to which URL), and any TLS failure."""
+    text = job_log.read_text(errors="replace")
+    made = re.findall(r"created adhoc connector \S+ to (\S+)", text)
+    return {
+        "connectors": sorted(set(made)),
+        "failed": len(re.findall(r"cannot create adhoc connector", text)),
+        "tls_errors": len(re.findall(r"SSLError|CERTIFICATE_VERIFY_FAILED", text)),
+    }
+
+
+DIRECT_LINK_PORTS = "8100-8199"  # where the server's job processes listen with --direct-links
+
+
+def median_run(done: list[dict]) -> dict:
+    """The run with the median bank steps/s (the lower middle one of an even count), with every
+    run's steps/s beside it."""
+
+    rates = [r.get("steps_per_second", r) for r in done]  # a central run is its rates
+    order = sorted(range(len(done)), key=lambda i: rates[i]["bank"])
+    chosen = done[order[(len(done) - 1) // 2]]
+    every = [{phase: r[phase] for phase in ("pretrain", "bank")} for r in rates]
+    return {**chosen, "every_run": every}
 
 
 def parse_deployed(spec: str) -> tuple:
-    """ "direct:0.05:2[:adhoc]" -> (transport, task_poll, server threads, comm_config)."""
+    """ "direct:0.05:2[:adhoc]" -> (transport, task_poll, server threads, customize_site.py arguments)."""
     transport, interval, threads, *extra = spec.split(":")
     if extra not in ([], ["adhoc"]):
         raise SystemExit(f"--provisioned {spec!r}: the optional fourth field is 'adhoc'")
-    return transport, float(interval), int(threads), ({"allow_adhoc_conns": True} if extra else None)
+    customize = ("--direct-links", f"localhost:{DIRECT_LINK_PORTS}") if extra else ()
+    return transport, float(interval), int(threads), customize
 
 
 def bank_sizes() -> list[dict]:
@@ -274,7 +304,8 @@ def main() -> int:
         default=["direct:0.05:2"],
         metavar="TRANSPORT:INTERVAL:THREADS[:adhoc]",
         help="deployed runs (provisioned, mutual TLS, real processes): as --federated; ':adhoc' lets "
-        "the job processes connect directly (NVFlare's allow_adhoc_conns) instead of through their parents",
+        "the job processes connect directly over mutual TLS (customize_site.py --direct-links, NVFlare's "
+        "ad-hoc connections) instead of through their parents",
     )
     parser.add_argument(
         "--busy",
@@ -283,6 +314,7 @@ def main() -> int:
         metavar="N",
         help="keep N busy-loop processes running throughout, to measure on a machine busy with other work",
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every mode, in turn; rows are medians")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modalitybank.json"))
     args = parser.parse_args()
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
@@ -301,13 +333,22 @@ def run(args: argparse.Namespace) -> int:
     results = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "busy_loops": args.busy},
         "steps_per_phase": args.steps,
+        "repeats": args.repeats,
     }
-    results["central_steps_per_second"] = {str(t): central(args.steps, data_root, t) for t in args.central_threads}
     specs = {spec: (kind, float(i), int(t)) for spec in args.federated for kind, i, t in [spec.split(":")]}
-    results["federated"] = {spec: federated(args.steps, data_root, *setting) for spec, setting in specs.items()}
-    results["provisioned"] = {
-        spec: provisioned(args.steps, data_root, *parse_deployed(spec)) for spec in args.provisioned
-    }
+    # Each repeat runs every mode once, in turn, so that a slow spell of the machine touches
+    # all modes alike; a mode's row is its median run (by bank steps/s).
+    runs: dict[str, dict[str, list]] = {"central_steps_per_second": {}, "federated": {}, "provisioned": {}}
+    for repeat in range(args.repeats):
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+        for t in args.central_threads:
+            runs["central_steps_per_second"].setdefault(str(t), []).append(central(args.steps, data_root, t))
+        for spec, setting in specs.items():
+            runs["federated"].setdefault(spec, []).append(federated(args.steps, data_root, *setting))
+        for spec in args.provisioned:
+            runs["provisioned"].setdefault(spec, []).append(provisioned(args.steps, data_root, *parse_deployed(spec)))
+    for mode, by_spec in runs.items():
+        results[mode] = {spec: median_run(done) for spec, done in by_spec.items()}
     results["bank"] = bank_sizes()
 
     print(
@@ -355,6 +396,18 @@ def run(args: argparse.Namespace) -> int:
                 f"| {mode}, {spec} | {phase} | {own:.0f} | {part['site_compute_s'] * 1000:.0f} | "
                 f"{part['transport_s'] * 1000:.0f} |"
             )
+    print("\n| run | every run's steps/s (pretrain / bank), in the order run |\n|---|---|")
+    modes = {"central threads": by_threads, "simulator": results["federated"], "provisioned": results["provisioned"]}
+    for mode, by_spec in modes.items():
+        for spec, chosen in by_spec.items():
+            every = ", ".join(f"{r['pretrain']:.2f} / {r['bank']:.2f}" for r in chosen["every_run"])
+            print(f"| {mode} {spec} | {every} |")
+    print("\n| deployed run | site | direct links to the server's job (from its job log) | TLS errors |")
+    print("|---|---|---|---|")
+    for spec, fed in results["provisioned"].items():
+        for site, link in fed["direct_links"].items():
+            made = ", ".join(link["connectors"]) or "none: through the parents"
+            print(f"| {spec} | {site} | {made} | {link['tls_errors']} |")
     print("\n| central threads | phase | G forward (ms) | 3 sites' D steps (ms) | G backward + update (ms) |")
     print("|---|---|---|---|---|")
     print("\n".join(split_lines))

@@ -13,7 +13,12 @@ provisioned):
   `authorization.json` from `provisioning/local/` (nobody may ship code: "byoc" is refused);
 - sites: `privacy.json` from `provisioning/local/` (scopes whose filters run on everything
   that enters or leaves the site);
-- server: job and snapshot storage moved under `--server-storage` when given.
+- server: job and snapshot storage moved under `--server-storage` when given;
+- server, with `--direct-links HOST:PORTS`: `comm_config.json`, so that each job's server process
+  listens on a port in PORTS of HOST (mutual TLS, the kits' own certificates) and each hospital's
+  job process connects to it directly, instead of every message of a step passing through both
+  sides' parent processes (NVFlare's ad-hoc connections). The server's firewall must then let
+  the hospitals reach HOST on PORTS as well as the federation port.
 Needs only the standard library and NVFlare (no torch, no installed fedmodal), so it runs
 wherever `nvflare provision` does: the allow-list itself is read from the repository's
 `custom/fedmodal/fl/allow_list.py`, its one definition.
@@ -82,7 +87,44 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def customize_kit(kit: Path, kind: str, prefixes: list[str], server_storage: Path | None) -> list[str]:
+def direct_link_settings(host: str, ports: str) -> dict:
+    """The server's NVFlare communication settings (`local/comm_config.json`) for direct links.
+
+    Only the server's job processes listen; a hospital's job process connects out to the
+    address the server sends it (hospitals need no setting of their own). NVFlare keeps ad-hoc
+    links in clear text unless their resources ask for a secure connection, hence
+    `connection_security: mtls`: both ends present the certificates they were provisioned
+    with, as on the federation port."""
+    resources = {"host": host, "ports": ports, "connection_security": "mtls"}
+    return {"allow_adhoc_conns": True, "adhoc": {"scheme": "tcp", "resources": resources}}
+
+
+def parse_direct_links(value: str) -> tuple[str, str]:
+    """ "fedmodal-server.example.org:8100-8199" -> (host, port range)."""
+    host, sep, ports = value.rpartition(":")
+    bounds = ports.split("-")
+    if not sep or not host or not all(b.isdigit() for b in bounds) or len(bounds) > 2:
+        raise SystemExit(
+            f"--direct-links {value!r}: expected HOST:PORT or HOST:FIRST-LAST, the server's name as the "
+            "hospitals reach it and the ports its job processes may listen on"
+        )
+    return host, ports
+
+
+def write_comm_config(kit: Path, settings: dict) -> None:
+    """Merge `settings` into the kit's `local/comm_config.json`, keeping what an operator put there."""
+    path = kit / "local" / "comm_config.json"
+    current = read_json(path) if path.is_file() else {}
+    write_json(path, {**current, **settings})
+
+
+def customize_kit(
+    kit: Path,
+    kind: str,
+    prefixes: list[str],
+    server_storage: Path | None,
+    direct_links: tuple[str, str] | None = None,
+) -> list[str]:
     """Write the site-local files of one server or client kit; returns the files written."""
     local = kit / "local"
     default = local / "resources.json.default"
@@ -97,16 +139,24 @@ def customize_kit(kit: Path, kind: str, prefixes: list[str], server_storage: Pat
     if kind == "client":
         shutil.copyfile(POLICY_DIR / "privacy.json", local / "privacy.json")
         written.append("privacy.json")
+    if kind == "server" and direct_links is not None:
+        write_comm_config(kit, direct_link_settings(*direct_links))
+        written.append("comm_config.json")
     return written
 
 
-def customize_prod(prod: Path, prefixes: list[str], server_storage: Path | None = None) -> dict[str, list[str]]:
+def customize_prod(
+    prod: Path,
+    prefixes: list[str],
+    server_storage: Path | None = None,
+    direct_links: tuple[str, str] | None = None,
+) -> dict[str, list[str]]:
     """Customize every server and client kit under one provisioning output folder."""
     done = {}
     for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
         kind = kit_kind(kit)
         if kind is not None:
-            done[kit.name] = customize_kit(kit, kind, prefixes, server_storage)
+            done[kit.name] = customize_kit(kit, kind, prefixes, server_storage, direct_links)
     if not done:
         raise SystemExit(f"{prod}: no server or client kit found")
     return done
@@ -120,13 +170,20 @@ def main(argv: list[str] | None = None) -> int:
         "--allow", action="append", default=[], metavar="PREFIX", help="another class prefix to allow (repeatable)"
     )
     parser.add_argument("--server-storage", type=Path, help="absolute folder for the server's job and snapshot store")
+    parser.add_argument(
+        "--direct-links",
+        metavar="HOST:PORTS",
+        help="let job processes connect directly over mutual TLS: the server's name as hospitals reach it and "
+        "the port range its job processes listen on (e.g. fedmodal-server.example.org:8100-8199)",
+    )
     args = parser.parse_args(argv)
+    direct_links = parse_direct_links(args.direct_links) if args.direct_links else None
     prefixes = [FEDMODAL_PREFIX, *NVFLARE_EXTRAS, *args.allow]
     if args.simulator:
         print(f"wrote {customize_simulator(args.path, prefixes)}")
         return 0
     prod = latest_prod_dir(args.path)
-    for kit, files in customize_prod(prod, prefixes, args.server_storage).items():
+    for kit, files in customize_prod(prod, prefixes, args.server_storage, direct_links).items():
         print(f"{prod / kit}/local: {', '.join(files)}")
     return 0
 

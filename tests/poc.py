@@ -100,18 +100,19 @@ def log_tails(federation: dict, job_id: str, lines: int = 12) -> str:
     return "\n".join(parts)
 
 
-def start_federation(tmp_path_factory, name: str = "deploy"):
-    """A provisioned federation (server `localhost` + hospital-1..3) as a pytest generator fixture's body."""
+def start_federation(tmp_path_factory, name: str = "deploy", customize_args: tuple[str, ...] = ()):
+    """A provisioned federation (server `localhost` + hospital-1..3) as a pytest generator fixture's
+    body; `customize_args` go to provisioning/customize_site.py."""
     root = tmp_path_factory.mktemp(name)
     home = root / "home"
     home.mkdir()
     env = dict(os.environ, HOME=str(home))  # ProvisionedFederation puts this venv on PATH
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(home))  # the FLARE API in this process, too
-        yield from _run_federation(root, env)
+        yield from _run_federation(root, env, customize_args)
 
 
-def _run_federation(root: Path, env: dict):
+def _run_federation(root: Path, env: dict, customize_args: tuple[str, ...]):
     data = build_data(root / "data")
     fed = {}
     deployed = None
@@ -123,6 +124,7 @@ def _run_federation(root: Path, env: dict):
             {site: data / f"site-{i}" for i, site in enumerate(SITES, start=1)},
             env=env,
             start_timeout=START_TIMEOUT,
+            customize_args=customize_args,
         )
         fed.update(
             root=root,

@@ -36,9 +36,13 @@ def test_prepare_site_reads_policy_cases_seed(federation):
 def test_the_centralised_run_applies_the_site_file_like_the_executor(federation, tmp_path):
     """`fedmodal pretrain-generator` and the benchmark build sites through the same set-up, so a
     site's DP and mask policy hold there too (they were ignored before)."""
+    import torch
+
     (federation / "site-2" / "fedmodal_site.json").write_text(
         json.dumps({"dp_clip": 0.01, "dp_noise": 1.0, "share_masks": False})
     )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         workers = build_workers(
             {s: federation / s for s in ("site-1", "site-2")},
@@ -47,7 +51,10 @@ def test_the_centralised_run_applies_the_site_file_like_the_executor(federation,
             site=BankSiteConfig(split="all"),
             adversary=AdversaryConfig(ndf=8, n_layers=2),
         )
+        # The sites share this process: their own one-thread setting must not cut the caller's.
+        assert torch.get_num_threads() == 2
     finally:
+        torch.set_num_threads(threads)
         (federation / "site-2" / "fedmodal_site.json").unlink()
     assert (workers["site-2"].adversary.config.dp_clip, workers["site-2"].adversary.config.dp_noise) == (0.01, 1.0)
     assert workers["site-2"].shares_masks is False
@@ -87,3 +94,40 @@ def test_a_site_file_bound_on_visits_per_key_refuses_the_step_over_it(federation
     payload = coordinator.step_payloads()["site-1"]  # a batch larger than the site: keys repeat
     with pytest.raises(Exception, match="visit"):
         worker.step(payload)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "load", "torch_default", "expected"),
+    [
+        (2, 0.1, 2, 2),  # idle: torch's own choice
+        (8, 0.0, 4, 4),  # never more than torch's default (one per physical core)
+        (2, 1.0, 2, 1),  # one core's worth of other work: one thread
+        (2, 2.4, 2, 1),  # more load than cores: still one thread
+        (16, 5.6, 16, 10),
+    ],
+)
+def test_threads_left_for_a_process_follow_the_cpus_and_the_load(monkeypatch, cpus, load, torch_default, expected):
+    from fedmodal.fl import site
+
+    monkeypatch.setattr(site.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(site.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(site, "DEFAULT_TORCH_THREADS", torch_default)
+    assert site.free_cpu_threads() == expected
+
+
+def test_select_device_sets_the_threads_it_is_given_and_refuses_negative_ones(monkeypatch):
+    import torch
+
+    from fedmodal.fl import site
+
+    before = torch.get_num_threads()
+    try:
+        site.select_device("cpu", 1)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(site, "free_cpu_threads", lambda: 2)
+        site.select_device("cpu", 0)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="num_threads"):
+            site.select_device("cpu", -1)
+    finally:
+        torch.set_num_threads(before)

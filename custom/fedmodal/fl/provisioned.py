@@ -10,7 +10,6 @@ group, and only those.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -151,14 +150,6 @@ def wait_for_sites(sess, sites, timeout: float) -> list[str]:
         time.sleep(0.5)
 
 
-def write_comm_config(kit: Path, settings: Mapping) -> Path:
-    """Merge `settings` into a startup kit's `local/comm_config.json` (NVFlare reads it at start)."""
-    path = kit / "local" / "comm_config.json"
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**current, **settings}, indent=2))
-    return path
-
-
 class ProvisionedFederation:
     """Provision `project_yml` under `root`, start the server and every site in `site_data`,
     open an admin session; `close()` (or leaving the `with` block) stops them all.
@@ -173,8 +164,8 @@ class ProvisionedFederation:
         site_data: site (kit) name -> its data folder (the site's FEDMODAL_DATA_ROOT).
         env: the processes' environment (default: this one's).
         start_timeout: seconds for the server and every site to connect.
-        comm_config: settings merged into every kit's `local/comm_config.json` (NVFlare's
-            communication settings, e.g. `allow_adhoc_conns`), written before anything starts.
+        customize_args: further arguments to the customize script (e.g. `--direct-links
+            localhost:8100-8199`), run before anything starts.
     """
 
     def __init__(
@@ -185,7 +176,7 @@ class ProvisionedFederation:
         site_data: Mapping[str, Path],
         env: Mapping[str, str] | None = None,
         start_timeout: float = START_TIMEOUT,
-        comm_config: Mapping | None = None,
+        customize_args: Sequence[str] = (),
     ):
         self.root = Path(root)
         self.sites = tuple(site_data)
@@ -207,16 +198,17 @@ class ProvisionedFederation:
                 raise ValueError(
                     f"{project_yml} provisions no site {missing}; it has {sorted(p.name for p in self.prod.iterdir())}"
                 )
-            subprocess.run(
-                [sys.executable, str(customize_script), str(self.prod), "--server-storage", str(self.server_storage)],
-                env=self.env,
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            if comm_config:
-                for kit in self.kits:
-                    write_comm_config(kit, comm_config)
+            command = [
+                sys.executable,
+                str(customize_script),
+                str(self.prod),
+                "--server-storage",
+                str(self.server_storage),
+                *customize_args,
+            ]
+            done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-2000:]}")
             self._start(site_data, start_timeout)
         except BaseException:
             self.close()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedmodal.fl.site import prepare_site
 from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, ControllerConfig, GeneratorConfig
@@ -31,8 +32,11 @@ def build_workers(
     adversary: AdversaryConfig | None = None,
 ) -> dict[str, SiteWorker]:
     """One `SiteWorker` per site folder, built as the site executor builds it (same site set-up,
-    same `fedmodal_site.json` policy)."""
+    same `fedmodal_site.json` policy). The sites share this process, so a site's own
+    `num_threads` (which sets its process's torch threads) does not apply: the caller's
+    thread count is kept."""
     site = site or BankSiteConfig()
+    threads = torch.get_num_threads()
     registration = {"image_size": generator.image_size, "slices": slices, "batch_size": generator.batch_size}
     workers = {}
     for name, root in sorted(site_roots.items()):
@@ -40,6 +44,7 @@ def build_workers(
         workers[name] = build_site_worker(
             prepared, site, adversary or AdversaryConfig(), registration, Path(out_dir) / name
         )
+    torch.set_num_threads(threads)
     return workers
 
 

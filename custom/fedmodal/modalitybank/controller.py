@@ -72,7 +72,11 @@ class ModalityBankController(Controller):
 
         self.writer = SummaryWriter(str(self.out_dir / "tb"))
         self.device = select_device(self.run_config.device, self.run_config.num_threads)
-        self.log_info(fl_ctx, f"ModalityBank outputs go to {self.out_dir}")
+        self.log_info(
+            fl_ctx,
+            f"ModalityBank outputs go to {self.out_dir}; server on {self.device}, "
+            f"{torch.get_num_threads()} CPU thread(s) (num_threads {self.run_config.num_threads})",
+        )
 
     def stop_controller(self, fl_ctx: FLContext):
         if self.writer is not None:
