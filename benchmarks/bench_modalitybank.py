@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procwatch import ProcessWatch, deployed_role, simulator_role  # noqa: E402
 
 
 def job_settings(**values) -> dict:
@@ -170,13 +172,14 @@ def federated(steps: int, data_root: Path, transport: str, task_poll: float, ser
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
     nvflare = Path(sys.executable).with_name("nvflare")
     started = time.perf_counter()
-    proc = subprocess.run(
-        [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", "3", "-t", "3"],
-        env=env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-    )
+    with ProcessWatch(str(work / "ws"), simulator_role) as watch:
+        proc = subprocess.run(
+            [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", "3", "-t", "3"],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+        )
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -185,7 +188,8 @@ def federated(steps: int, data_root: Path, transport: str, task_poll: float, ser
     per_site = {site: site_bytes(work / "ws", site) for site in sites}
     site_seconds = read_site_seconds({site: work / "ws" / site / "simulate_job" for site in sites})
     shutil.rmtree(work, ignore_errors=True)
-    return {**step_figures(summary, site_seconds), "wall_seconds": wall, "per_site": per_site}
+    figures = step_figures(summary, site_seconds)
+    return {**figures, "wall_seconds": wall, "per_site": per_site, "cpu_seconds": watch.cpu_seconds()}
 
 
 PROVISIONED_SITES = ("hospital-1", "hospital-2", "hospital-3")  # provisioning/project.yml's sites
@@ -219,7 +223,8 @@ def provisioned(
             customize_args=customize,
         ) as fed:
             job = export_job(work / "jobs", steps, transport, task_poll, server_threads)
-            job_id, meta, wall = fed.run_job(job, timeout=3600)
+            with ProcessWatch(str(work), deployed_role) as watch:
+                job_id, meta, wall = fed.run_job(job, timeout=3600)
             if meta.get("status") != RunStatus.FINISHED_COMPLETED.value:
                 raise RuntimeError(f"job {job_id} ended {meta.get('status')}; logs in {fed.logs}")
             result = Path(fed.admin.download_job_result(job_id, destination=str(work / "result")))
@@ -235,7 +240,14 @@ def provisioned(
             os.environ["HOME"] = saved_home
     shutil.rmtree(work, ignore_errors=True)
     figures = step_figures(summary, site_seconds)
-    return {**figures, "wall_seconds": wall, "startup_seconds": startup, "per_site": per_site, "direct_links": direct}
+    return {
+        **figures,
+        "wall_seconds": wall,
+        "startup_seconds": startup,
+        "per_site": per_site,
+        "direct_links": direct,
+        "cpu_seconds": watch.cpu_seconds(),
+    }
 
 
 def direct_links(job_log: Path) -> dict:
@@ -305,7 +317,7 @@ def main() -> int:
         metavar="TRANSPORT:INTERVAL:THREADS[:adhoc]",
         help="deployed runs (provisioned, mutual TLS, real processes): as --federated; ':adhoc' lets "
         "the job processes connect directly over mutual TLS (customize_site.py --direct-links, NVFlare's "
-        "ad-hoc connections) instead of through their parents",
+        "ad-hoc connections) instead of through the server's parent process",
     )
     parser.add_argument(
         "--busy",
@@ -402,11 +414,22 @@ def run(args: argparse.Namespace) -> int:
         for spec, chosen in by_spec.items():
             every = ", ".join(f"{r['pretrain']:.2f} / {r['bank']:.2f}" for r in chosen["every_run"])
             print(f"| {mode} {spec} | {every} |")
+    print(
+        "\n| run | wall (s) | CPU seconds while it ran, by process: server job (simulator: its one server process) "
+        "| server parent | 3 site jobs | 3 site parents |\n|---|---|---|---|---|---|"
+    )
+    for mode, spec, fed in runs:
+        cpu = fed.get("cpu_seconds", {})
+        server = cpu.get("server job", cpu.get("server", 0.0))
+        print(
+            f"| {mode}, {spec} | {fed['wall_seconds']:.0f} | {server:.0f} | {cpu.get('server parent', 0.0):.0f} | "
+            f"{cpu.get('site jobs', 0.0):.0f} | {cpu.get('site parents', 0.0):.0f} |"
+        )
     print("\n| deployed run | site | direct links to the server's job (from its job log) | TLS errors |")
     print("|---|---|---|---|")
     for spec, fed in results["provisioned"].items():
         for site, link in fed["direct_links"].items():
-            made = ", ".join(link["connectors"]) or "none: through the parents"
+            made = ", ".join(link["connectors"]) or "none: relayed by the server's parent"
             print(f"| {spec} | {site} | {made} | {link['tls_errors']} |")
     print("\n| central threads | phase | G forward (ms) | 3 sites' D steps (ms) | G backward + update (ms) |")
     print("|---|---|---|---|---|")

@@ -22,55 +22,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fedavg import run_simulator as fedavg_round_seconds  # noqa: E402
 from bench_modalitybank import site_bytes, step_figures  # noqa: E402
+from procwatch import ProcessWatch, simulator_role  # noqa: E402
 from report import publish  # noqa: E402
-
-WORKER = "nvflare.private.fed.app.simulator.simulator_worker"
-
-
-class PeakMemory:
-    """Peak resident memory (VmHWM) of the processes whose command line names `marker`, polled:
-    the simulator's site workers apart from the rest (the server and its launcher)."""
-
-    def __init__(self, marker: str, every: float = 0.5):
-        self.marker, self.every = marker, every
-        self.peaks: dict[int, tuple[bool, int]] = {}  # pid -> (is a site worker, peak KiB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.every):
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                    if self.marker not in cmdline:
-                        continue
-                    status = (entry / "status").read_text()
-                except OSError:
-                    continue
-                hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-                worker = WORKER in cmdline
-                self.peaks[int(entry.name)] = (worker, max(hwm, self.peaks.get(int(entry.name), (worker, 0))[1]))
-
-    def largest(self, workers: bool) -> float:
-        """GB of the largest site worker (True) or other process (False)."""
-        return max((kib for w, kib in self.peaks.values() if w == workers), default=0) / 1024**2
 
 
 def modalitybank(num_sites: int, data: Path, steps: int, work: Path) -> dict:
@@ -86,7 +45,7 @@ def modalitybank(num_sites: int, data: Path, steps: int, work: Path) -> dict:
     nvflare = Path(sys.executable).with_name("nvflare")
     command = [str(nvflare), "simulator", str(job), "-w", str(work / "ws"), "-n", str(num_sites), "-t", str(num_sites)]
     started = time.perf_counter()
-    with PeakMemory(str(work / "ws")) as memory:
+    with ProcessWatch(str(work / "ws"), simulator_role) as memory:
         done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
@@ -97,8 +56,8 @@ def modalitybank(num_sites: int, data: Path, steps: int, work: Path) -> dict:
     return {
         "wall_s": round(wall, 1),
         **step_figures(summary),
-        "server_peak_gb": round(memory.largest(workers=False), 2),
-        "site_peak_gb": round(memory.largest(workers=True), 2),
+        "server_peak_gb": round(memory.peak_gb("server"), 2),
+        "site_peak_gb": round(memory.peak_gb("site jobs"), 2),
         "bytes_per_step_per_site": {"min": min(per_site), "max": max(per_site)},
     }
 

@@ -16,8 +16,8 @@ provisioned):
 - server: job and snapshot storage moved under `--server-storage` when given;
 - server, with `--direct-links HOST:PORTS`: `comm_config.json`, so that each job's server process
   listens on a port in PORTS of HOST (mutual TLS, the kits' own certificates) and each hospital's
-  job process connects to it directly, instead of every message of a step passing through both
-  sides' parent processes (NVFlare's ad-hoc connections). The server's firewall must then let
+  job process connects to it directly, instead of every message of a step being relayed by
+  the server's parent process (NVFlare's ad-hoc connections). The server's firewall must then let
   the hospitals reach HOST on PORTS as well as the federation port.
 Needs only the standard library and NVFlare (no torch, no installed fedmodal), so it runs
 wherever `nvflare provision` does: the allow-list itself is read from the repository's
