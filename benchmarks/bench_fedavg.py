@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,18 +186,44 @@ def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, 
     if done.returncode != 0:
         raise SystemExit(f"simulator failed:\n{(done.stdout + done.stderr)[-3000:]}")
     marks: dict[str, datetime] = {}
+    log = []  # (time, line) of every timestamped line
     last = None
     for line in (done.stdout + done.stderr).splitlines():
         found = TIMESTAMP.match(line)
         if found:
             last = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            log.append((last, line))
         text = line.strip()
         if last and (re.fullmatch(r"Round \d+ started\.", text) or text == "Finished FedAvg."):
             marks[text] = last
     first, end = marks.get("Round 1 started."), marks.get("Finished FedAvg.")
     if first is None or end is None:
         raise SystemExit("could not find the round marks in the simulator log")
-    return {"wall_s": wall, "round_s": (end - first).total_seconds() / (rounds - 1)}
+    starts = [marks[f"Round {r} started."] for r in range(1, rounds)] + [end]
+    timeline = round_timeline(log, starts, len(sites))
+    return {"wall_s": wall, "round_s": (end - first).total_seconds() / (rounds - 1), "timeline": timeline}
+
+
+def round_timeline(log: list[tuple[datetime, str]], starts: list[datetime], n_sites: int) -> dict:
+    """Medians over the timed rounds, from the simulator's log: seconds from a round's start until
+    each site has the model (NVFlare logs each download's end, in the order they finish), and from
+    the last result's aggregation to the next round's start (final average, model selection,
+    persisting the model)."""
+    delivered, closing = [], []
+    for begin, finish in zip(starts, starts[1:]):
+        inside = [(t, line) for t, line in log if begin <= t < finish]
+        downloads = [t for t, line in inside if "object has been downloaded to all" in line][:n_sites]
+        aggregated = [t for t, line in inside if f"Aggregated {n_sites}/{n_sites} results" in line]
+        if len(downloads) == n_sites:
+            delivered.append([(t - begin).total_seconds() for t in downloads])
+        if aggregated:
+            closing.append((finish - aggregated[-1]).total_seconds())
+    return {
+        "model_at_sites_s": [round(statistics.median(d[k] for d in delivered), 3) for k in range(n_sites)]
+        if delivered
+        else [],
+        "last_result_to_next_round_s": round(statistics.median(closing), 3) if closing else None,
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -275,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Medians of {args.repeats} alternating runs; per run (federated / local s per round): "
             + ", ".join(f"{f['round_s']:.2f} / {p['round_s']:.2f}" for f, p in zip(fed_runs, local_runs)),
+        ]
+    timeline = fed["timeline"]
+    if timeline["model_at_sites_s"]:
+        lines += [
+            "",
+            "Inside the median federated round (medians over its timed rounds, from the simulator's log): the model "
+            "is at the sites "
+            + ", ".join(f"{t:.2f}" for t in timeline["model_at_sites_s"])
+            + " s after the round starts; the next round starts "
+            f"{timeline['last_result_to_next_round_s']:.2f} s after the last result is aggregated.",
         ]
     table = "\n".join(lines)
     print(table)
