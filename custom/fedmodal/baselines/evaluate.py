@@ -233,9 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     parser.add_argument("--title", default="", help="title of results.md")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
-    parser.add_argument(
-        "--num-threads", type=int, default=0, help="torch CPU threads (0: from the CPUs and the machine's load)"
-    )
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:

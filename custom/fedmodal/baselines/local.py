@@ -166,9 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="run seed; the data seed also depends on the sites")
     group.add_argument("--out", default=None, help="output folder (default runs/train-seg/<sites>)")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
-    group.add_argument(
-        "--num-threads", type=int, default=0, help="torch CPU threads (0: from the CPUs and the machine's load)"
-    )
+    group.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     group.add_argument("--no-cache", action="store_true", help="re-read cases every epoch instead of caching them")
 
 

@@ -242,9 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="sigmoid threshold (default: the model's)")
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
-    parser.add_argument(
-        "--num-threads", type=int, default=0, help="torch CPU threads (0: from the CPUs and the machine's load)"
-    )
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:

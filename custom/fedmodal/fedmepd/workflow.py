@@ -52,8 +52,7 @@ class FedMEPDServerConfig(KeyGroupRunConfig):
             the phantoms' "server" folder).
         preset: phantom preset when no data root is set.
         device: "auto", "cpu" or "cuda[:i]" for the server's epoch (a GPU server in production).
-        num_threads: torch CPU threads at the server (0: torch's default less the machine's
-            load over the last minute, at least one; `fedmodal.fl.site.free_cpu_threads`).
+        num_threads: torch CPU threads at the server (0 keeps torch's default: every core).
     """
 
     settings_name = "FedMEPD server"

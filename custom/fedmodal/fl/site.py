@@ -40,7 +40,7 @@ class SiteConfig(Settings):
         on_error: "skip" bad cases (reported) or "stop" at the first; empty means what the
             site's `fedmodal_site.json` says, else "skip".
         device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
-        num_threads: torch CPU threads at this site (0: from the CPUs and their load).
+        num_threads: torch CPU threads at this site (0 keeps torch's default).
     """
 
     data_root: str = DATA_ROOT_FROM_ENV
@@ -161,29 +161,13 @@ def site_seed(run_seed: int, site_name: str) -> int:
     return (int(run_seed) * 1_000_003 + zlib.crc32(site_name.encode())) % (2**31 - 1)
 
 
-def free_cpu_threads() -> int:
-    """CPU threads for a process that shares its machine: torch's default (one per physical
-    core this process may use), less the load other work put on the machine over the last
-    minute, and at least one. Measured here (README, "Cost of federation"): with two busy
-    processes beside it on two cores, one server thread made 1.5x the steps of two, since a
-    parallel region waits for its slowest thread and a contended core makes that one wait."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform: assume an idle machine
-        load = 0.0
-    return max(1, min(DEFAULT_TORCH_THREADS, round(cpus - load)))
-
-
-DEFAULT_TORCH_THREADS = torch.get_num_threads()  # before anything here changes it
-
-
 def select_device(device: str = "auto", num_threads: int = 0) -> torch.device:
-    """`auto` takes CUDA when present; `num_threads` > 0 sets torch's CPU threads, 0 picks them
-    from the CPUs and the machine's load (`free_cpu_threads`)."""
+    """`auto` takes CUDA when present; `num_threads` > 0 sets torch's CPU threads, 0 keeps
+    torch's default (one per physical core)."""
     if num_threads < 0:
-        raise ValueError(f"num_threads must be 0 (from the CPUs and their load) or more, not {num_threads}")
-    torch.set_num_threads(int(num_threads) if num_threads > 0 else free_cpu_threads())
+        raise ValueError(f"num_threads must be 0 (torch's default) or more, not {num_threads}")
+    if num_threads > 0:
+        torch.set_num_threads(int(num_threads))
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -116,8 +116,7 @@ class ControllerConfig(Settings):
         pretrained_generator: checkpoint folder of a plain generator pretrained elsewhere (e.g.
             `fedmodal pretrain-generator` on a dataset the server holds); skips pretraining.
         device: "auto", "cpu" or "cuda[:i]".
-        num_threads: torch CPU threads at the server (0: torch's default less the machine's
-            load over the last minute, at least one; `fedmodal.fl.site.free_cpu_threads`).
+        num_threads: torch CPU threads at the server (0 keeps torch's default: every core).
         task_poll: seconds between the workflow's checks for finished tasks, and between an
             idle site's task requests (registration and previews are tasks).
         step_transport: how step payloads travel. "direct" pushes them to the sites as NVFlare
