@@ -191,3 +191,34 @@ def test_one_poll_setting_drives_the_sites_task_requests_and_the_workflows_check
     slower = server_config(export_job(spec, tmp_path, route_settings(spec, {"task_poll": 0.4})))
     assert slower["server"]["task_request_interval"] == 0.4
     assert workflow_polls(slower) == [0.4]
+
+
+def test_the_paper_profile_sets_the_papers_sizes_and_set_values_still_win(tmp_path, capsys):
+    from fedmodal.cli import main
+    from fedmodal.jobs.spec import with_profile
+
+    spec = JOBS["modalitybank"]
+    generator = spec.settings(with_profile(spec, "paper"))["generator"]
+    assert (generator.image_size, generator.ngf, generator.n_blocks) == (256, 64, 9)
+    assert spec.settings(with_profile(spec, "paper"))["adversary"].ndf == 64
+    chosen = spec.settings(with_profile(spec, "paper", parse_overrides(spec, ["image_size=128"])))["generator"]
+    assert (chosen.image_size, chosen.ngf) == (128, 64)
+    assert spec.settings(with_profile(spec, None))["generator"].ngf == 32  # no profile: the job's own
+
+    mixmfl = JOBS["mixmfl"].settings(with_profile(JOBS["mixmfl"], "paper"))
+    assert (mixmfl["mixmfl"].spatial_dims, tuple(mixmfl["mixmfl"].patch_size)) == (3, (128, 128, 128))
+    assert mixmfl["server"].num_rounds == 200
+    fedmepd = JOBS["fedmepd"].settings(with_profile(JOBS["fedmepd"], "paper"))["fedmepd"]
+    assert (tuple(fedmepd.channels), fedmepd.batch_size, fedmepd.warmup_rounds) == ((16, 32, 64, 128), 1, 30)
+
+    with pytest.raises(ValueError, match=r"job fedavg has no profile 'paper'; its profiles: none"):
+        with_profile(JOBS["fedavg"], "paper")
+
+    assert main(["job", "export", "modalitybank", str(tmp_path), "--profile", "paper", "--set", "bank_steps=7"]) == 0
+    server = json.loads((tmp_path / "modalitybank" / "app" / "config" / "config_fed_server.json").read_text())
+    exported = server["workflows"][0]["args"]["generator"]
+    assert (exported["image_size"], exported["ngf"], exported["n_blocks"], exported["bank_steps"]) == (256, 64, 9, 7)
+    assert main(["job", "list"]) == 0
+    assert "profiles: paper" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"fedmodal job export: job fedavg has no profile 'paper'"):
+        main(["job", "export", "fedavg", str(tmp_path), "--profile", "paper"])

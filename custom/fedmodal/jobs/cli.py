@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--profile",
+        default=None,
+        help="a named set of settings the job defines, e.g. 'paper' (the paper's sizes, for GPU sites; "
+        "`fedmodal job list` names each job's profiles); --set values still win",
+    )
+    parser.add_argument(
         "--set",
         dest="assignments",
         action="append",
@@ -83,22 +89,31 @@ def _environment(args: argparse.Namespace, job_name: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as error:  # a bad --set or --profile: say which, no traceback
+        raise SystemExit(f"fedmodal job {args.action}: {error}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from fedmodal.jobs import JOBS
-    from fedmodal.jobs.spec import export_job, parse_overrides
+    from fedmodal.jobs.spec import export_job, parse_overrides, with_profile
 
     if args.action == "list":
         for name, spec in sorted(JOBS.items()):
             sections = ", ".join(f"{s} ({cls.__name__})" for s, cls in spec.all_sections.items())
-            print(f"{name}: {spec.description}\n    settings: {sections}")
+            profiles = ", ".join(sorted(spec.profiles)) or "none"
+            print(f"{name}: {spec.description}\n    settings: {sections}\n    profiles: {profiles}")
         return 0
     if args.action == "export":
         names = sorted(JOBS) if args.name == "all" else [args.name]
         for name in names:
             spec = _spec(name)
-            print(f"wrote {export_job(spec, args.out, parse_overrides(spec, args.assignments))}")
+            overrides = with_profile(spec, args.profile, parse_overrides(spec, args.assignments))
+            print(f"wrote {export_job(spec, args.out, overrides)}")
         return 0
     spec = _spec(args.name)
-    recipe = spec.recipe(parse_overrides(spec, args.assignments))
+    recipe = spec.recipe(with_profile(spec, args.profile, parse_overrides(spec, args.assignments)))
     env = _environment(args, spec.name)
     if args.env == "sim" and not os.environ.get("FEDMODAL_DATA_ROOT"):
         print("FEDMODAL_DATA_ROOT is not set: the sites use the phantom federation")

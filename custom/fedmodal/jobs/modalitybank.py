@@ -33,6 +33,10 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     return job
 
 
+# The paper's networks at its slice size (METHODS.md section 1): ResNet G with ngf 64 and 9
+# blocks on 256x256 slices, a 70x70 PatchGAN D of 64 base channels. For GPU sites.
+PAPER = {"generator": {"image_size": 256, "ngf": 64, "n_blocks": 9}, "adversary": {"ndf": 64, "n_layers": 3}}
+
 SECTIONS = {
     "generator": GeneratorConfig,
     "server": ControllerConfig,
@@ -45,6 +49,7 @@ MODALITYBANK = JobSpec(
     description="ModalityBank: a central generator and per-modality bank against the sites' discriminators",
     sections=SECTIONS,
     build=build,
+    profiles={"paper": PAPER},
 )
 MODALITYBANK_ASYNDGAN = JobSpec(
     name="modalitybank-asyndgan",
@@ -52,4 +57,5 @@ MODALITYBANK_ASYNDGAN = JobSpec(
     sections=SECTIONS,
     build=build,
     defaults={"generator": {"mode": "asyndgan"}},
+    profiles={"paper": PAPER},
 )

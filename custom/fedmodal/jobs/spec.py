@@ -57,6 +57,8 @@ class JobSpec:
         defaults: section -> values this job uses instead of the dataclass defaults (e.g. the
             AsynDGAN job's generator mode); command-line overrides still win.
         min_clients: sites the job needs (meta.json's min_clients).
+        profiles: named sets of section values picked as a whole (`--profile paper`: the
+            paper's network and image sizes, for GPU sites); `--set` values still win.
     """
 
     name: str
@@ -65,6 +67,7 @@ class JobSpec:
     build: Callable[[str, dict[str, Settings], int], Any]
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     min_clients: int = 2
+    profiles: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def all_sections(self) -> dict[str, type[Settings]]:
@@ -144,6 +147,22 @@ def parse_overrides(spec: JobSpec, assignments: Sequence[str]) -> dict[str, dict
             raise ValueError(f"--set {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE")
         values[key] = parse_value(text)
     return route_settings(spec, values)
+
+
+def with_profile(
+    spec: JobSpec, profile: str | None, overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The section values of the job's named `profile`, with `overrides` on top."""
+    merged: dict[str, dict[str, Any]] = {}
+    if profile:
+        if profile not in spec.profiles:
+            raise ValueError(
+                f"job {spec.name} has no profile {profile!r}; its profiles: {sorted(spec.profiles) or 'none'}"
+            )
+        merged = {section: dict(values) for section, values in spec.profiles[profile].items()}
+    for section, values in (overrides or {}).items():
+        merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def export_job(spec: JobSpec, job_root: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
