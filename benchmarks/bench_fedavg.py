@@ -36,6 +36,9 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import median_run  # noqa: E402
+
 TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 
@@ -229,11 +232,6 @@ def round_timeline(log: list[tuple[datetime, str]], starts: list[datetime], n_si
 # ----------------------------------------------------------------------------- main
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run whose seconds per round are the median (the lower middle one of an even count)."""
-    return sorted(runs, key=lambda r: r["round_s"])[(len(runs) - 1) // 2]
-
-
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     fed_runs.append(run_simulator(args.sites, root, args.rounds, epochs, Path(work)))
             else:
                 local_runs.append(run_lockstep(args.sites, root, args.rounds, epochs))
-    fed, lockstep = median_run(fed_runs), median_run(local_runs)
+    fed, lockstep = (median_run(runs, key=lambda r: r["round_s"]) for runs in (fed_runs, local_runs))
     parallel = run_local(args.sites, root, args.rounds, epochs, parallel=True)
     sequential = run_local(args.sites, root, args.rounds, epochs, parallel=False)
     load_after = load_average()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procwatch import ProcessWatch, deployed_role, simulator_role  # noqa: E402
+from report import median_run  # noqa: E402
 
 
 def job_settings(**values) -> dict:
@@ -205,7 +205,7 @@ def provisioned(
     provisioning/customize_site.py (`--direct-links`)."""
     from nvflare.apis.job_def import RunStatus
 
-    from fedmodal.fl.provisioned import ProvisionedFederation
+    from fedmodal.fl.provisioned import ProvisionedFederation, direct_links
 
     work = Path(tempfile.mkdtemp(prefix="mb-poc-"))
     home = work / "home"
@@ -250,30 +250,14 @@ def provisioned(
     }
 
 
-def direct_links(job_log: Path) -> dict:
-    """What a site's job log says of direct (ad-hoc) links to the server's job process: the
-    connectors NVFlare made (to which URL), and any TLS failure."""
-    text = job_log.read_text(errors="replace")
-    made = re.findall(r"created adhoc connector \S+ to (\S+)", text)
-    return {
-        "connectors": sorted(set(made)),
-        "failed": len(re.findall(r"cannot create adhoc connector", text)),
-        "tls_errors": len(re.findall(r"SSLError|CERTIFICATE_VERIFY_FAILED", text)),
-    }
-
-
 DIRECT_LINK_PORTS = "8100-8199"  # where the server's job processes listen with --direct-links
 
 
-def median_run(done: list[dict]) -> dict:
-    """The run with the median bank steps/s (the lower middle one of an even count), with every
-    run's steps/s beside it."""
-
+def with_every_run(done: list[dict]) -> dict:
+    """The run with the median bank steps/s, with every run's steps/s beside it."""
     rates = [r.get("steps_per_second", r) for r in done]  # a central run is its rates
-    order = sorted(range(len(done)), key=lambda i: rates[i]["bank"])
-    chosen = done[order[(len(done) - 1) // 2]]
-    every = [{phase: r[phase] for phase in ("pretrain", "bank")} for r in rates]
-    return {**chosen, "every_run": every}
+    chosen = median_run(done, key=lambda r: r.get("steps_per_second", r)["bank"])
+    return {**chosen, "every_run": [{phase: r[phase] for phase in ("pretrain", "bank")} for r in rates]}
 
 
 def parse_deployed(spec: str) -> tuple:
@@ -360,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in args.provisioned:
             runs["provisioned"].setdefault(spec, []).append(provisioned(args.steps, data_root, *parse_deployed(spec)))
     for mode, by_spec in runs.items():
-        results[mode] = {spec: median_run(done) for spec, done in by_spec.items()}
+        results[mode] = {spec: with_every_run(done) for spec, done in by_spec.items()}
     results["bank"] = bank_sizes()
 
     print(

@@ -16,6 +16,7 @@ import time
 import pytest
 from nvflare.apis.job_def import RunStatus
 
+from fedmodal.fl.provisioned import direct_links
 from poc import CUSTOMIZE, MB_JOB_TIMEOUT, SITES, log_tails, start_federation, tiny_modalitybank
 
 FIRST_PORT, LAST_PORT = 8150, 8199
@@ -68,7 +69,7 @@ def test_modalitybank_job_processes_talk_over_direct_tls_links(federation, tmp_p
 
     for site in SITES:
         log = (prod / site / job_id / "log.txt").read_text(errors="replace")
-        urls = re.findall(r"created adhoc connector \S+ to (\S+) on ", log)
+        urls = direct_links(prod / site / job_id / "log.txt")["connectors"]
         assert urls, f"{site}: no direct link to the server's job process\n{log_tails(federation, job_id)}"
         for url in urls:
             scheme, port = re.fullmatch(r"(\w+)://localhost:(\d+)", url).groups()

@@ -150,6 +150,18 @@ def wait_for_sites(sess, sites, timeout: float) -> list[str]:
         time.sleep(0.5)
 
 
+def direct_links(job_log: Path) -> dict:
+    """What a site's job log says of direct (ad-hoc) links to the server's job process
+    (`customize_site.py --direct-links`): the URLs NVFlare connected to, the connectors it could
+    not make, and TLS failures."""
+    text = job_log.read_text(errors="replace")
+    return {
+        "connectors": sorted(set(re.findall(r"created adhoc connector \S+ to (\S+) on ", text))),
+        "failed": len(re.findall(r"cannot create adhoc connector", text)),
+        "tls_errors": len(re.findall(r"SSLError|CERTIFICATE_VERIFY_FAILED", text)),
+    }
+
+
 class ProvisionedFederation:
     """Provision `project_yml` under `root`, start the server and every site in `site_data`,
     open an admin session; `close()` (or leaving the `with` block) stops them all.
