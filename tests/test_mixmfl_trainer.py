@@ -78,7 +78,7 @@ def test_small_clusters_are_dropped_and_centres_are_member_means():
 def test_config_defaults_switches_and_refusals():
     cfg = MixMFLConfig()
     assert cfg.spatial_dims == 2 and cfg.lr == 4e-4 and cfg.loss_weights == (0.5, 1e-4)
-    assert cfg.memory_capacity == 200 and cfg.min_cluster_size == 5 and cfg.precision == "fp32"
+    assert cfg.memory_capacity == 200 and cfg.min_cluster_size == 5 and cfg.precision == "auto"
     assert MixMFLConfig(use_triplet=False, use_classification=False).loss_weights == (0.0, 0.0)
     assert MixMFLConfig.from_dict(cfg.to_dict()) == cfg
     loader = cfg.loader_config()

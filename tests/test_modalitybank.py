@@ -361,3 +361,24 @@ def test_the_run_cannot_go_on_when_no_live_site_holds_a_trained_modality(site_sl
         if s.name not in lacking_t2:
             coordinator.drop(s.name)
     assert "no live site holds ['t2']" in coordinator.cannot_continue(min_sites=1)
+
+
+def test_a_bf16_generator_and_discriminators_train_and_exchange_fp32_arrays(site_slices, tmp_path):
+    """`precision` bf16 (what "auto" picks on a recent GPU), run on the CPU: the wire stays fp32."""
+    workers = make_workers(site_slices, tmp_path, adversary=AdversaryConfig(ndf=8, n_layers=2, precision="bf16"))
+    sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
+    trainer = GeneratorTrainer(resolve_config(GeneratorConfig.from_dict(TINY), sites), precision="bf16")
+    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(0))
+    while not trainer.finished:
+        payloads = coordinator.step_payloads()
+        replies = {name: workers[name].step(payload) for name, payload in payloads.items()}
+        for message in [*payloads.values(), *replies.values()]:
+            for key, value in message.items():
+                if key.startswith((P.FAKE_PREFIX, P.GRAD_PREFIX)):
+                    assert value.dtype == np.float32, key
+        coordinator.finish_step(replies)
+    changed = [k for k, v in trainer.generator.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed
+    fakes = trainer.synthesize(torch.zeros(1, 2, 32, 32))
+    assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in fakes.values())

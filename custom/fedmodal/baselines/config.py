@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedmodal.amp import check_precision
 from fedmodal.config import Settings
 from fedmodal.fl.timing import TASK_POLL_SECONDS, WAIT_AFTER_MIN_SECONDS
 
@@ -25,6 +26,7 @@ SAMPLING_FIELDS = (
     "tumour_probability",
     "augment",
     "cache",
+    "loader_workers",
 )
 # The fields that fix the network (a net preset sets them all); the rest is training and inference.
 NET_FIELDS = (
@@ -38,7 +40,6 @@ NET_FIELDS = (
     "patch_size",
     "output_prior",
 )
-PRECISIONS = ("fp32", "bf16")
 
 # Defaults per dimensionality: the network is the dimension's preset (fedmodal.nets.segmentation),
 # batch and samples per case fit a CPU laptop (larger on a GPU site).
@@ -81,8 +82,11 @@ class SegConfig(Settings):
         sw_overlap: sliding-window overlap at inference.
         sw_batch_size: windows per forward pass at inference.
         include_synthetic: use `<case>_<modality>_synthetic.nii.gz` files to fill missing modalities.
-        precision: "fp32" or "bf16" (autocast; CPU and recent GPUs).
+        precision: "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16"
+            (`fedmodal.amp`).
         cache: keep loaded, normalised cases in memory (fast epochs; needs RAM for real BraTS).
+        loader_workers: training-data worker processes; -1: none on a CPU host (its cores
+            train), up to 4 on a CUDA host, with pinned memory (`fedmodal.baselines.data`).
     """
 
     settings_name = "segmentation"
@@ -109,8 +113,9 @@ class SegConfig(Settings):
     sw_overlap: float = 0.25
     sw_batch_size: int = 8
     include_synthetic: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"
     cache: bool = True
+    loader_workers: int = -1
 
     def __post_init__(self) -> None:
         if self.net:
@@ -141,8 +146,7 @@ class SegConfig(Settings):
             raise ValueError(f"patch_size {self.patch_size} does not have {self.spatial_dims} dimensions")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 

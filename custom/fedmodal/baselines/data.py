@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,14 +181,29 @@ def train_loader(cases: Sequence[CaseFiles], cfg: SegConfig, seed: int) -> DataL
     transform.set_random_state(seed=seed % (2**32))
     dataset = segmentation_dataset(list(cases), transform, MODALITIES, cache=cfg.cache)
     cases_per_step = max(1, math.ceil(cfg.batch_size / cfg.samples_per_case))
+    workers = loader_workers(cfg.loader_workers)
     return DataLoader(
         dataset,
         batch_size=cases_per_step,
         shuffle=True,
         collate_fn=list_data_collate,
-        num_workers=0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # MONAI's loader reseeds each worker's random transforms from this generator: runs repeat.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def loader_workers(requested: int) -> int:
+    """Worker processes for `requested` (-1: 0 without CUDA, else up to 4, half the cores)."""
+    if requested < -1:
+        raise ValueError(f"loader_workers must be -1 (auto), 0 or more, got {requested}")
+    if requested >= 0:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    return min(4, max(1, (os.cpu_count() or 2) // 2))
 
 
 def volume_transform() -> Compose:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmodal.amp import PRECISIONS
 from fedmodal.baselines.config import SegConfig, parse_regions
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-mask-channels", action="store_true", help="do not feed the availability mask channels")
     group.add_argument("--no-augment", action="store_true", help="no flips or intensity jitter")
     group.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast is faster on recent CPUs"
+        "--precision",
+        default=SegConfig.precision,
+        choices=PRECISIONS,
+        help="auto: bf16 (else fp16 with a gradient scaler) on CUDA, fp32 on CPU; bf16 is faster on recent CPUs",
     )
     group.add_argument(
         "--include-synthetic",

@@ -8,7 +8,6 @@ reference model) -> predict a volume -> score cases -> checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -22,6 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 
+from fedmodal.amp import MixedPrecision
 from fedmodal.atomic import save_atomically
 from fedmodal.baselines.config import SegConfig
 from fedmodal.baselines.data import drop_modalities, network_input, region_targets, regions_to_label
@@ -67,6 +67,7 @@ class SegTrainer:
             )
         self.loss_fn = build_loss(cfg.loss)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.amp = MixedPrecision(cfg.precision, self.device)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.steps_done = 0
 
@@ -96,11 +97,6 @@ class SegTrainer:
         self.net.load_state_dict(state)
 
     # ------------------------------------------------------------------ training
-
-    def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def train_epochs(
         self,
@@ -145,13 +141,12 @@ class SegTrainer:
                 x = network_input(image, avail, self.cfg.mask_channels)
                 y = region_targets(batch["label"].to(self.device), self.cfg.regions)
                 self.optimizer.zero_grad(set_to_none=True)
-                with self._autocast():
+                with self.amp.autocast():
                     logits = self.net(x)
                 loss = self.loss_fn(logits.float(), y)
                 if reference is not None:
                     loss = loss + prox(self.net, reference)
-                loss.backward()
-                self.optimizer.step()
+                self.amp.step(loss, self.optimizer)
                 losses.append(loss.detach())  # no per-step device sync; averaged once per epoch
                 steps += 1
                 self.steps_done += 1
@@ -177,7 +172,7 @@ class SegTrainer:
         self.net.eval()
         x = network_input(image[None].float(), avail[None], self.cfg.mask_channels)[0].to(self.device)
         roi = tuple(self.cfg.patch_size)  # smaller inputs are padded up to it
-        with self._autocast():
+        with self.amp.autocast():
             if self.cfg.spatial_dims == 2:
                 slices = x.permute(3, 0, 1, 2)  # (Z, C, X, Y): the slices are the batch
                 logits = sliding_window_inference(

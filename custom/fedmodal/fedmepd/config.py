@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedmodal.amp import check_precision
 from fedmodal.brats import N_LABELS, REGIONS
 from fedmodal.config import Settings
 
@@ -72,6 +73,10 @@ class FedMEPDConfig(Settings):
         sw_overlap: sliding-window overlap at inference (paper: 0.5).
         sw_batch_size: windows (3D) or slices (2D) per forward pass at inference.
         cache: keep loaded training cases in memory.
+        loader_workers: training-data worker processes; -1: none on a CPU host (its cores
+            train), up to 4 on a CUDA host, with pinned memory (`fedmodal.baselines.data`).
+        precision: "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16"
+            (`fedmodal.amp`).
     """
 
     settings_name = "fedmepd"
@@ -100,8 +105,11 @@ class FedMEPDConfig(Settings):
     sw_overlap: float = 0.5
     sw_batch_size: int = 4
     cache: bool = True
+    loader_workers: int = -1
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.spatial_dims not in PATCH_DEFAULTS:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         self.patch_size = tuple(int(s) for s in (self.patch_size or PATCH_DEFAULTS[self.spatial_dims]))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 
+from fedmodal.amp import MixedPrecision
 from fedmodal.atomic import save_atomically
 from fedmodal.brats import MODALITIES, REGIONS, ordered_modalities
 from fedmodal.fedmepd.anchors import CaseFeatures, ClassPooler
@@ -87,6 +88,7 @@ class FedMEPDTrainer:
         self.net = FedMEPDNet(**config.net_args()).to(self.device)
         self.loss_fn = SegmentationLoss(self.net.num_classes, config.class_weights)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.amp = MixedPrecision(config.precision, self.device)
         self.held_mask = torch.tensor([m in self.held for m in MODALITIES])
         self.steps_done = 0
 
@@ -154,17 +156,17 @@ class FedMEPDTrainer:
             present = torch.as_tensor(batch["avail"]).bool() & self.held_mask
             present = present.to(self.device)
             label = batch["label"].to(self.device).long()
-            out = self.net(image, present, anchors_t)
-            fused = self.loss_fn(out.logits, label)
+            with self.amp.autocast():
+                out = self.net(image, present, anchors_t)
+            fused = self.loss_fn(out.logits.float(), label)
             aux_losses = [
-                self.loss_fn(logits[present[:, MODALITIES.index(m)]], label[present[:, MODALITIES.index(m)]])
+                self.loss_fn(logits[present[:, MODALITIES.index(m)]].float(), label[present[:, MODALITIES.index(m)]])
                 for m, logits in out.aux.items()
             ]
             aux = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=self.device)
             loss = fused + self.config.aux_weight * aux
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.amp.step(loss, self.optimizer)
             totals.append(torch.stack([loss.detach(), fused.detach(), aux.detach()]))
             steps += 1
         self.steps_done += steps
@@ -243,7 +245,8 @@ class FedMEPDTrainer:
         anchors_t = self._anchors(anchors)
 
         def logits(x: torch.Tensor) -> torch.Tensor:
-            return self.net(x, present, anchors_t, with_aux=False).logits
+            with self.amp.autocast():
+                return self.net(x, present, anchors_t, with_aux=False).logits.float()
 
         x = image.float().to(self.device)
         roi = tuple(self.config.patch_size)

@@ -163,11 +163,18 @@ def site_seed(run_seed: int, site_name: str) -> int:
 
 def select_device(device: str = "auto", num_threads: int = 0) -> torch.device:
     """`auto` takes CUDA when present; `num_threads` > 0 sets torch's CPU threads, 0 keeps
-    torch's default (one per physical core)."""
+    torch's default (one per physical core). On CUDA, cuDNN picks its fastest kernels."""
     if num_threads < 0:
         raise ValueError(f"num_threads must be 0 (torch's default) or more, not {num_threads}")
     if num_threads > 0:
         torch.set_num_threads(int(num_threads))
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asks for CUDA, which this machine does not have; use 'auto' or 'cpu'")
+        # Training shapes are fixed (patches, slices), so the one-off kernel search pays for itself.
+        torch.backends.cudnn.benchmark = True
+    return chosen

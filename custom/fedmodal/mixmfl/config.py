@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedmodal.baselines.config import PRECISIONS, SegConfig, sampling_config
+from fedmodal.amp import check_precision
+from fedmodal.baselines.config import SegConfig, sampling_config
 from fedmodal.config import Settings
 
 # CPU-sized defaults per dimensionality (see `MixMFLConfig` for the measurements behind them).
@@ -52,6 +53,8 @@ class MixMFLConfig(Settings):
         tumour_probability: share of samples through / centred on tumour.
         augment: random flips and intensity jitter.
         cache: keep loaded, normalised cases in memory.
+        loader_workers: training-data worker processes; -1: none on a CPU host (its cores
+            train), up to 4 on a CUDA host, with pinned memory (`fedmodal.baselines.data`).
         lr: Adam learning rate (4e-4 in the paper).
         weight_decay: Adam weight decay.
         lambda_cls: weight of the modality classification loss (0.5 in the paper).
@@ -68,7 +71,7 @@ class MixMFLConfig(Settings):
         threshold: sigmoid threshold of a region at inference.
         sw_overlap: sliding-window overlap at inference.
         sw_batch_size: windows per forward pass at inference.
-        precision: "fp32" or "bf16" (autocast).
+        precision: "auto", "fp32", "bf16" or "fp16" (`fedmodal.amp`).
         tailored_updating: Table 3 switch, used by the server: False averages every tailored
             encoder over all sites like the shared groups.
         use_memory: Table 3 switch: retrieve pseudo features for missing modalities.
@@ -87,6 +90,7 @@ class MixMFLConfig(Settings):
     tumour_probability: float = 0.67
     augment: bool = True
     cache: bool = True
+    loader_workers: int = -1
     lr: float = 4e-4
     weight_decay: float = 0.0
     lambda_cls: float = 0.5
@@ -101,7 +105,7 @@ class MixMFLConfig(Settings):
     threshold: float = 0.5
     sw_overlap: float = 0.25
     sw_batch_size: int = 8
-    precision: str = "fp32"
+    precision: str = "auto"
     tailored_updating: bool = True
     use_memory: bool = True
     use_triplet: bool = True
@@ -122,8 +126,7 @@ class MixMFLConfig(Settings):
             raise ValueError(
                 f"patch_size {self.patch_size} must have {self.spatial_dims} sizes, each a multiple of {divisor}"
             )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.samples_per_case >= self.min_cluster_size:
             raise ValueError(
                 f"samples_per_case ({self.samples_per_case}) must be smaller than min_cluster_size ({self.min_cluster_size}): "

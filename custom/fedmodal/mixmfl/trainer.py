@@ -8,7 +8,6 @@ and no files beyond its own checkpoint; data come as the baselines' loaders and 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +19,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from fedmodal import MODALITIES
+from fedmodal.amp import MixedPrecision
 from fedmodal.atomic import save_atomically
 from fedmodal.baselines.data import region_targets, regions_to_label
 from fedmodal.baselines.trainer import build_loss
@@ -65,6 +65,7 @@ class MixMFLTrainer:
             build_loss("dicece"), self.net.modalities, lambda_cls, lambda_triplet, config.triplet_margin
         )
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.amp = MixedPrecision(config.precision, self.device)
         self.epochs_done = 0
         self._vectors: dict[str, np.ndarray] = {}
 
@@ -122,11 +123,6 @@ class MixMFLTrainer:
 
     # ------------------------------------------------------------------ training
 
-    def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _memory_tensors(self, memory: PrototypeMemory | None) -> dict[str, torch.Tensor | None]:
         if memory is None or not self.cfg.use_memory:
             return {}
@@ -168,13 +164,12 @@ class MixMFLTrainer:
             image = _plain(batch["image"]).to(self.device).float()
             target = region_targets(_plain(batch["label"]).to(self.device), self.cfg.regions)
             self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
+            with self.amp.autocast():
                 encoded = self.net.encode(image, self.held)
                 pseudo = pseudo_features(encoded.tailored_vec, bank, self.cfg.retrieval_temperature) if bank else {}
                 out = self.net.decode(encoded, pseudo)
             parts = self.loss_fn(out, target)
-            parts["loss"].backward()
-            self.optimizer.step()
+            self.amp.step(parts["loss"], self.optimizer)
             for name, value in parts.items():
                 sums[name].append(value.detach())
             for m in self.held:
@@ -241,7 +236,7 @@ class MixMFLTrainer:
             return self._segment(window, bank)
 
         roi = tuple(self.cfg.patch_size)
-        with self._autocast():
+        with self.amp.autocast():
             if self.cfg.spatial_dims == 2:
                 logits = sliding_window_inference(
                     x.permute(3, 0, 1, 2),

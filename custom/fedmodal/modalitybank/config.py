@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmodal import MODALITIES
+from fedmodal.amp import check_precision
 from fedmodal.config import Settings
 from fedmodal.fl.site import SiteConfig
 from fedmodal.fl.timing import TASK_POLL_SECONDS
@@ -125,6 +126,8 @@ class ControllerConfig(Settings):
         wire_precision: "float32" or "float16" for the fakes and the gradients a step carries;
             float16 halves a step's bytes (for wide-area links), the arrays scaled per tensor so
             the small gradients keep their digits (`fedmodal.modalitybank.protocol.pack`).
+        precision: the generator's arithmetic: "auto" (bf16, else fp16 with a gradient scaler,
+            on CUDA; fp32 on CPU), "fp32", "bf16" or "fp16" (`fedmodal.amp`).
     """
 
     slices: str = "tumour"
@@ -143,8 +146,10 @@ class ControllerConfig(Settings):
     task_poll: float = TASK_POLL_SECONDS
     step_transport: str = "direct"
     wire_precision: str = "float32"
+    precision: str = "auto"
 
     def __post_init__(self):
+        check_precision(self.precision, "server precision")
         if self.wire_precision not in WIRE_PRECISIONS:
             raise ValueError(f"wire_precision must be one of {WIRE_PRECISIONS}, got {self.wire_precision!r}")
         if self.step_transport not in STEP_TRANSPORTS:
@@ -169,6 +174,8 @@ class AdversaryConfig(Settings):
             `fedmodal_site.json` may raise it (the stricter value wins).
         dp_noise: noise multiplier sigma; Gaussian noise N(0, (sigma*C)^2) per sample; the site
             file may raise it too.
+        precision: the discriminators' arithmetic at each site, as the server's `precision`;
+            the gradient that leaves is computed in fp32 whatever the discriminator's precision.
     """
 
     ndf: int = 32
@@ -179,8 +186,10 @@ class AdversaryConfig(Settings):
     l1_in_brain: bool = False
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    precision: str = "auto"
 
     def __post_init__(self):
+        check_precision(self.precision, "adversary precision")
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise ValueError(
                 f"dp_noise {self.dp_noise} needs dp_clip > 0: the noise is dp_noise x dp_clip per sample, so without "

@@ -97,12 +97,13 @@ class ModalityBankController(Controller):
         config = resolve_config(self.generator_config, sites)
         run = self.run_config
         trainer = (
-            GeneratorTrainer.resume(run.resume_from, config, self.device)
+            GeneratorTrainer.resume(run.resume_from, config, self.device, run.precision)
             if run.resume_from
-            else GeneratorTrainer(config, self.device)
+            else GeneratorTrainer(config, self.device, run.precision)
         )
         if run.pretrained_generator and not run.resume_from:
             trainer.load_pretrained(run.pretrained_generator)
+        self.log_info(fl_ctx, f"generator arithmetic: {trainer.amp.describe()}")
         coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed), run.wire_precision)
         sample_masks = coordinator.sample_masks()
         timings: dict[str, list[float]] = {}  # seconds per step, by phase

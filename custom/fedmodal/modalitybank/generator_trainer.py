@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fedmodal.amp import MixedPrecision
 from fedmodal.atomic import save_atomically
 from fedmodal.modalitybank.config import GeneratorConfig
 from fedmodal.nets import madafm
@@ -58,15 +59,17 @@ class GeneratorTrainer:
     Args:
         config: the generator's shape and schedule.
         device: torch device for G.
+        precision: G's arithmetic (`fedmodal.amp`; "auto": mixed precision on CUDA only).
     """
 
-    def __init__(self, config: GeneratorConfig, device: torch.device | str = "cpu"):
+    def __init__(self, config: GeneratorConfig, device: torch.device | str = "cpu", precision: str = "auto"):
         if not config.target_modalities:
             raise ValueError("the generator has no target modalities (resolve them from the sites first)")
         self.config = config
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
         self.generator = build_generator(config).to(self.device)
+        self.amp = MixedPrecision(precision, self.device)
         self.progress = TrainerProgress()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
@@ -130,10 +133,15 @@ class GeneratorTrainer:
     def _forward(self, cond: torch.Tensor, modality: str) -> torch.Tensor:
         if self.config.mode == "asyndgan":
             channel = self.config.target_modalities.index(modality)
-            return self.generator(cond)[:, channel : channel + 1]
+            return self._run(cond)[:, channel : channel + 1]
         if self.modulated:
             madafm.set_modality(self.generator, modality)
-        return self.generator(cond)
+        return self._run(cond)
+
+    def _run(self, cond: torch.Tensor) -> torch.Tensor:
+        # Fakes leave as fp32 whatever G computes in: sites' losses and the wire expect it.
+        with self.amp.autocast():
+            return self.generator(cond).float()
 
     def generate(self, cond_by_modality: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fakes (with graph) for each modality's conditioning batch, for a training step."""
@@ -145,17 +153,16 @@ class GeneratorTrainer:
         if self.config.mode != "asyndgan":
             raise RuntimeError("generate_all needs the multi-channel AsynDGAN generator")
         self.generator.train()
-        out = self.generator(cond.to(self.device))
+        out = self._run(cond.to(self.device))
         return {m: out[:, i : i + 1] for i, m in enumerate(self.config.target_modalities)}
 
     def apply_gradients(self, fakes: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
         """Backpropagate the sites' d(loss)/d(fake) through G and take one optimizer step."""
         names = [m for m in fakes if m in grads]
         if names:
-            torch.autograd.backward(
-                [fakes[m] for m in names], [grads[m].to(self.device, fakes[m].dtype) for m in names]
+            self.amp.step_from(
+                [fakes[m] for m in names], [grads[m].to(self.device, fakes[m].dtype) for m in names], self.optimizer
             )
-            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self._advance()
@@ -222,7 +229,9 @@ class GeneratorTrainer:
         logger.info("pretrained generator loaded from %s; pretraining skipped", directory)
 
     @classmethod
-    def resume(cls, directory: str | os.PathLike, config: GeneratorConfig, device="cpu") -> GeneratorTrainer:
+    def resume(
+        cls, directory: str | os.PathLike, config: GeneratorConfig, device="cpu", precision: str = "auto"
+    ) -> GeneratorTrainer:
         """Rebuild a trainer from `save` output; `config` must describe the same generator."""
         directory = Path(directory)
         saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
@@ -231,7 +240,7 @@ class GeneratorTrainer:
         differing = [f for f in shape_fields if getattr(saved_config, f) != getattr(config, f)]
         if differing:
             raise ValueError(f"cannot resume from {directory}: the checkpoint differs in {differing}")
-        trainer = cls(config, device)
+        trainer = cls(config, device, precision)
         state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
         progress = TrainerProgress(**state["progress"])
         saved_phases = [p for p in saved_config.phases if p[1] > 0]
@@ -269,14 +278,14 @@ def load_generator_weights(generator: torch.nn.Module, directory: Path, saved: d
         generator.load_state_dict(saved["state_dict"])
 
 
-def load_trained_generator(directory: str | os.PathLike, device="cpu") -> GeneratorTrainer:
+def load_trained_generator(directory: str | os.PathLike, device="cpu", precision: str = "auto") -> GeneratorTrainer:
     """A trainer holding the generator saved in `directory`, ready for `synthesize`."""
     directory = Path(directory)
     if not (directory / GENERATOR_FILE).is_file():
         raise FileNotFoundError(f"no {GENERATOR_FILE} in {directory}: is it a ModalityBank checkpoint folder?")
     saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
     config = GeneratorConfig.from_dict(saved["config"], where=str(directory / GENERATOR_FILE))
-    trainer = GeneratorTrainer(config, device)
+    trainer = GeneratorTrainer(config, device, precision)
     load_generator_weights(trainer.generator, directory, saved)
     trainer.generator.to(trainer.device)
     if saved["modulated"]:

@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fedmodal.amp import MixedPrecision
 from fedmodal.atomic import save_atomically
 from fedmodal.modalitybank.config import AdversaryConfig
 from fedmodal.modalitybank.generator_trainer import CONDITION_CHANNELS, linear_decay_factor
@@ -36,6 +37,7 @@ class SiteAdversary:
         self.device = torch.device(device)
         self.discriminators: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.amps: dict[str, MixedPrecision] = {}
         self.seed = int(seed)
         self.noise = torch.Generator().manual_seed(self.seed + 7919)
 
@@ -56,6 +58,7 @@ class SiteAdversary:
             self.optimizers[modality] = torch.optim.Adam(
                 net.parameters(), lr=self.config.lr, betas=(self.config.beta1, 0.999)
             )
+            self.amps[modality] = MixedPrecision(self.config.precision, self.device)
         return self.discriminators[modality]
 
     def _set_lr(self, modality: str, step: int, total: int) -> None:
@@ -93,17 +96,19 @@ class SiteAdversary:
             fake_images = fake_images.to(self.device)
 
             # Discriminator: (mask, real) -> 1, (mask, fake) -> 0.
+            amp = self.amps[modality]
             optimizer.zero_grad(set_to_none=True)
-            logits_real = disc(torch.cat([cond, real_images], dim=1))
-            logits_fake = disc(torch.cat([cond, fake_images.detach()], dim=1))
+            with amp.autocast():
+                logits_real = disc(torch.cat([cond, real_images], dim=1)).float()
+                logits_fake = disc(torch.cat([cond, fake_images.detach()], dim=1)).float()
             d_real = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real))
             d_fake = F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-            (0.5 * (d_real + d_fake)).backward()
-            optimizer.step()
+            amp.step(0.5 * (d_real + d_fake), optimizer)
 
             # Generator loss against this site's real images; only its gradient leaves.
             fake_leaf = fake_images.detach().requires_grad_(True)
-            logits = disc(torch.cat([cond, fake_leaf], dim=1))
+            with amp.autocast():
+                logits = disc(torch.cat([cond, fake_leaf], dim=1)).float()
             per_sample_gan = (
                 F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none").flatten(1).mean(1)
             )
@@ -115,7 +120,7 @@ class SiteAdversary:
                 per_sample_l1 = diff.flatten(1).mean(1)
             per_sample = per_sample_gan + self.config.lambda_l1 * per_sample_l1
             # Gradient of the per-sample losses: row i is d(loss_i)/d(fake_i), clipped one by one.
-            (grad,) = torch.autograd.grad(per_sample.sum(), fake_leaf)
+            grad = amp.grad(per_sample.sum(), fake_leaf)
             disc.zero_grad(set_to_none=True)
             grads[modality] = self._privatise(grad) / grad.shape[0]
             losses[f"{modality}/d_real"] = d_real.item()

@@ -1,0 +1,107 @@
+"""Mixed precision, one setting for every trainer: `precision` = "auto", "fp32", "bf16" or "fp16".
+
+"auto" is what a GPU site wants without thinking: bf16 autocast on a CUDA device that supports
+it, fp16 autocast with a gradient scaler on an older one, and plain fp32 on a CPU (where bf16
+is only faster on recent cores; ask for it by name). Every trainer steps through
+`MixedPrecision`, so the scaler's skip-on-overflow and unscaling live here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, where: str = "precision") -> None:
+    """Refuse an unknown precision, naming the setting."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where} must be one of {PRECISIONS}, got {precision!r}")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision `precision` means on `device`: "auto" becomes fp32, bf16 or fp16."""
+    check_precision(precision)
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}; use 'fp16' or 'auto'"
+        )
+    if precision == "fp16" and device.type == "cpu":
+        logger.warning("precision 'fp16' on a CPU is much slower than fp32; it is meant for CUDA devices")
+    return precision
+
+
+class MixedPrecision:
+    """Autocast and, for fp16, a gradient scaler, for one optimiser's steps on one device.
+
+    Args:
+        precision: one of `PRECISIONS`.
+        device: where the model runs.
+    """
+
+    def __init__(self, precision: str, device: torch.device | str):
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = DTYPES.get(self.precision)
+        # fp16's narrow range underflows small gradients; bf16 has fp32's range and needs no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def autocast(self):
+        """The context a forward pass runs in."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backpropagate `loss` and step `optimizer` (an fp16 step with inf/nan gradients is skipped)."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def step_from(
+        self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Backpropagate given d(loss)/d(output) gradients (ModalityBank's sites send them) and step."""
+        if self.scaler is None:
+            torch.autograd.backward(list(outputs), list(grads))
+            optimizer.step()
+            return
+        # Scaling the outputs scales every parameter gradient by the same factor as scaling the loss.
+        torch.autograd.backward([self.scaler.scale(o) for o in outputs], list(grads))
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def grad(self, loss: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(inputs) in fp32, scaled and unscaled under fp16 so small values survive."""
+        if self.scaler is None:
+            (g,) = torch.autograd.grad(loss, inputs)
+            return g.float()
+        scale = self.scaler.get_scale()
+        (g,) = torch.autograd.grad(loss * scale, inputs)
+        return g.float() / scale
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def describe(self) -> str:
+        return f"{self.precision} on {self.device}" + (" with a gradient scaler" if self.scaler is not None else "")
