@@ -52,8 +52,9 @@ def job_settings(**values) -> dict:
 # ----------------------------------------------------------------------------- no federation
 
 
-def prepare_worker(site: str, root: Path, num_threads: int):
-    """A site's trainer, loader and validation volumes, built from the job's own settings."""
+def prepare_worker(site: str, root: Path, num_threads: int, values: dict | None = None):
+    """A site's trainer, loader and validation volumes, built from the job's own settings (with
+    `values` changed, keys as `--set` takes them), on the site's device."""
     import torch
 
     from fedmodal.baselines.data import load_volumes, site_data, train_loader
@@ -61,13 +62,13 @@ def prepare_worker(site: str, root: Path, num_threads: int):
     from fedmodal.fl.site import prepare_site
 
     torch.set_num_threads(num_threads)
-    settings = job_settings(**{"site.data_root": str(root)})  # the job's settings: the site's exact work
+    settings = job_settings(**{**(values or {}), "site.data_root": str(root)})  # the site's exact work
     cfg = settings["seg"]
     site_ = prepare_site(site, settings["site"], settings["fedavg"].seed, include_synthetic=cfg.include_synthetic)
     data = site_data(site_.manifest, cfg.include_synthetic)
     loader = train_loader(data.cases("train"), cfg, site_.seed)
     volumes = load_volumes(data.validation_cases())
-    return SegTrainer(cfg, seed=site_.seed), loader, volumes
+    return SegTrainer(cfg, device=site_.device, seed=site_.seed), loader, volumes
 
 
 def one_round(worker, local_epochs: int) -> None:
@@ -94,10 +95,10 @@ def site_worker(site: str, root: Path, rounds: int, local_epochs: int, num_threa
     return {"site": site, "setup_s": setup, "round_s": times}
 
 
-def lockstep_worker(site: str, root: Path, rounds: int, local_epochs: int, barrier, results) -> None:
+def lockstep_worker(site: str, root: Path, rounds: int, local_epochs: int, barrier, results, values=None) -> None:
     """One site's rounds in step with the others, as FedAvg's rounds are: every round starts
     when the last site finished the one before. Puts the barrier's release times in `results`."""
-    worker = prepare_worker(site, root, 1)
+    worker = prepare_worker(site, root, 1, values)
     barrier.wait()
     releases = [time.time()]
     for _ in range(rounds):
@@ -107,7 +108,7 @@ def lockstep_worker(site: str, root: Path, rounds: int, local_epochs: int, barri
     results.put({"site": site, "releases": releases})
 
 
-def run_lockstep(sites: list[str], root: Path, rounds: int, local_epochs: int) -> dict:
+def run_lockstep(sites: list[str], root: Path, rounds: int, local_epochs: int, values: dict | None = None) -> dict:
     """The sites' rounds without NVFlare, one process each, synchronised per round."""
     import multiprocessing
 
@@ -116,7 +117,7 @@ def run_lockstep(sites: list[str], root: Path, rounds: int, local_epochs: int) -
     os.environ["OMP_NUM_THREADS"] = "1"  # as the simulator's clients get it
     start = time.time()
     procs = [
-        context.Process(target=lockstep_worker, args=(site, root, rounds, local_epochs, barrier, results))
+        context.Process(target=lockstep_worker, args=(site, root, rounds, local_epochs, barrier, results, values))
         for site in sites
     ]
     for proc in procs:
@@ -157,14 +158,17 @@ def run_local(sites: list[str], root: Path, rounds: int, local_epochs: int, para
 # ----------------------------------------------------------------------------- simulator
 
 
-def run_simulator(sites: list[str], root: Path, rounds: int, local_epochs: int, work: Path) -> dict:
+def run_simulator(
+    sites: list[str], root: Path, rounds: int, local_epochs: int, work: Path, values: dict | None = None
+) -> dict:
     """Run jobs/fedavg (no cross-site evaluation) in the simulator; seconds per round from the server log."""
     from fedmodal.fl.allow_list import customize_simulator
     from fedmodal.jobs import JOBS
     from fedmodal.jobs.spec import export_job, route_settings
 
     spec = JOBS["fedavg"]
-    job = export_job(spec, work, route_settings(spec, {"num_rounds": rounds, "local_epochs": local_epochs}))
+    values = {**(values or {}), "num_rounds": rounds, "local_epochs": local_epochs}
+    job = export_job(spec, work, route_settings(spec, values))
     server_path = job / "app" / "config" / "config_fed_server.json"
     server = json.loads(server_path.read_text())
     server["workflows"] = [w for w in server["workflows"] if w["id"] == "fedavg"]  # no cross-site evaluation

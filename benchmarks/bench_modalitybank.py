@@ -35,11 +35,20 @@ from procwatch import ProcessWatch, deployed_role, simulator_role  # noqa: E402
 from report import median_run  # noqa: E402
 
 
-def job_settings(**values) -> dict:
-    """jobs/modalitybank's settings by section (fedmodal.jobs), with `values` changed."""
-    from fedmodal.jobs import job_settings as settings_of
+def job_overrides(values: dict, profile: str | None = None) -> dict:
+    """jobs/modalitybank's overrides by section: its named `profile` (e.g. "paper"), then `values`."""
+    from fedmodal.jobs import JOBS
+    from fedmodal.jobs.spec import route_settings, with_profile
 
-    return settings_of("modalitybank", **values)
+    spec = JOBS["modalitybank"]
+    return with_profile(spec, profile, route_settings(spec, values))
+
+
+def job_settings(profile: str | None = None, **values) -> dict:
+    """jobs/modalitybank's settings by section (fedmodal.jobs), with `values` changed."""
+    from fedmodal.jobs import JOBS
+
+    return JOBS["modalitybank"].settings(job_overrides(values, profile))
 
 
 WARMUP_STEPS = 3  # the first steps of a phase pay one-off costs (allocation, lazy layers): not timed
@@ -51,13 +60,17 @@ def steady_rate(seconds: list[float]) -> float:
     return len(timed) / sum(timed)
 
 
-def central(steps: int, data_root: Path, threads: int) -> dict:
-    """Steps per second per phase with every site's worker in this process."""
+def central(steps: int, data_root: Path, threads: int, profile: str | None = None) -> dict:
+    """Steps per second per phase with every site's worker in this process (threads 0: torch's
+    default); on CUDA also the peak GPU memory."""
+    from fedmodal.fl.site import peak_gpu_memory, select_device
     from fedmodal.modalitybank.central import build_workers, train
 
-    torch.set_num_threads(threads)
-
-    settings = job_settings(pretrain_steps=steps, bank_steps=steps)  # the job's own configuration
+    select_device("cpu", threads)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    # The job's own configuration (`profile`: a named one of it).
+    settings = job_settings(profile, pretrain_steps=steps, bank_steps=steps)
     out = Path(tempfile.mkdtemp(prefix="mb-central-"))
     workers = build_workers(
         {site: data_root / site for site in ("site-1", "site-2", "site-3")},
@@ -68,9 +81,10 @@ def central(steps: int, data_root: Path, threads: int) -> dict:
         adversary=settings["adversary"],
     )
     parts: dict = {}
-    _, _, timings = train(workers, settings["generator"], parts=parts)
+    trainer, _, timings = train(workers, settings["generator"], parts=parts, server=settings["server"])
     shutil.rmtree(out, ignore_errors=True)
     rates = {phase: steady_rate(t) for phase, t in timings.items()}
+    rates["peak_gpu_memory_bytes"] = peak_gpu_memory(trainer.device)
     # Median seconds of a step's parts: the server's work against the sites' (3 sites, in turn).
     rates["median_parts"] = {
         phase: {part: float(np.median([s[part] for s in split[WARMUP_STEPS:]])) for part in split[0]}
@@ -97,11 +111,12 @@ def site_bytes(workspace: Path, site: str) -> dict:
     return audit_bytes(workspace / site / "simulate_job/payload_audit.jsonl")
 
 
-def export_job(dest: Path, steps: int, transport: str, task_poll: float, server_threads: int) -> Path:
-    """jobs/modalitybank with only the step counts and the measured settings changed."""
+def export_job(
+    dest: Path, steps: int, transport: str, task_poll: float, server_threads: int, profile: str | None = None
+) -> Path:
+    """jobs/modalitybank (its `profile`, if named) with only the step counts and the measured settings changed."""
     from fedmodal.jobs import JOBS
     from fedmodal.jobs.spec import export_job as export
-    from fedmodal.jobs.spec import route_settings
 
     spec = JOBS["modalitybank"]
     values = {
@@ -113,7 +128,7 @@ def export_job(dest: Path, steps: int, transport: str, task_poll: float, server_
         "server.task_poll": task_poll,
         "step_transport": transport,
     }
-    return export(spec, dest, route_settings(spec, values))
+    return export(spec, dest, job_overrides(values, profile))
 
 
 def wait_split(summary: dict, site_seconds: dict[str, list[float]]) -> dict:
@@ -135,13 +150,16 @@ def wait_split(summary: dict, site_seconds: dict[str, list[float]]) -> dict:
     return split
 
 
-def read_site_seconds(folders: dict[str, Path]) -> dict[str, list[float]]:
-    """Each site's compute per step, from the file its executor writes at the end of a run."""
+def read_site_records(folders: dict[str, Path]) -> dict[str, dict]:
+    """Each site's compute per step (and peak GPU memory), from the file its executor writes at the end."""
     from fedmodal.modalitybank.executor import STEP_SECONDS_FILE
 
-    return {
-        site: json.loads((f / "modalitybank" / STEP_SECONDS_FILE).read_text())["seconds"] for site, f in folders.items()
-    }
+    return {site: json.loads((f / "modalitybank" / STEP_SECONDS_FILE).read_text()) for site, f in folders.items()}
+
+
+def read_site_seconds(folders: dict[str, Path]) -> dict[str, list[float]]:
+    """Each site's compute per step, from the file its executor writes at the end of a run."""
+    return {site: record["seconds"] for site, record in read_site_records(folders).items()}
 
 
 def step_figures(summary: dict, site_seconds: dict[str, list[float]] | None = None) -> dict:
@@ -162,12 +180,15 @@ def step_figures(summary: dict, site_seconds: dict[str, list[float]] | None = No
     }
 
 
-def federated(steps: int, data_root: Path, transport: str, task_poll: float, server_threads: int) -> dict:
-    """Steps per second per phase and bytes per step per site, from a simulator run."""
+def federated(
+    steps: int, data_root: Path, transport: str, task_poll: float, server_threads: int, profile: str | None = None
+) -> dict:
+    """Steps per second per phase and bytes per step per site, from a simulator run; on CUDA
+    also each process's peak GPU memory."""
     from fedmodal.fl.allow_list import customize_simulator
 
     work = Path(tempfile.mkdtemp(prefix="mb-fed-"))
-    job = export_job(work / "jobs", steps, transport, task_poll, server_threads)
+    job = export_job(work / "jobs", steps, transport, task_poll, server_threads, profile)
     customize_simulator(work / "ws")  # the allow-list
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data_root), "HOME": str(work)}
     nvflare = Path(sys.executable).with_name("nvflare")
@@ -186,10 +207,18 @@ def federated(steps: int, data_root: Path, transport: str, task_poll: float, ser
     summary = json.loads((work / "ws/server/simulate_job/modalitybank/summary.json").read_text())
     sites = ("site-1", "site-2", "site-3")
     per_site = {site: site_bytes(work / "ws", site) for site in sites}
-    site_seconds = read_site_seconds({site: work / "ws" / site / "simulate_job" for site in sites})
+    site_records = read_site_records({site: work / "ws" / site / "simulate_job" for site in sites})
     shutil.rmtree(work, ignore_errors=True)
-    figures = step_figures(summary, site_seconds)
-    return {**figures, "wall_seconds": wall, "per_site": per_site, "cpu_seconds": watch.cpu_seconds()}
+    figures = step_figures(summary, {site: r["seconds"] for site, r in site_records.items()})
+    memory = {"server": summary.get("peak_gpu_memory_bytes")}
+    memory.update({site: r.get("peak_gpu_memory_bytes") for site, r in site_records.items()})
+    return {
+        **figures,
+        "wall_seconds": wall,
+        "per_site": per_site,
+        "cpu_seconds": watch.cpu_seconds(),
+        "peak_gpu_memory_bytes": memory,
+    }
 
 
 PROVISIONED_SITES = ("hospital-1", "hospital-2", "hospital-3")  # provisioning/project.yml's sites

@@ -87,7 +87,8 @@ def train_and_score(precision: str, steps: int | None, data_root: Path, out: Pat
     workers = site_workers(settings, data_root, out / "sites")
     torch.manual_seed(settings["generator"].seed)
     started = time.perf_counter()
-    trainer, _, timings = train(workers, settings["generator"], wire_precision=precision)
+    server = settings["server"].with_values(wire_precision=precision)
+    trainer, _, timings = train(workers, settings["generator"], server=server)
     seconds = time.perf_counter() - started
     trainer.save(out / "checkpoint")
     test = build_manifest(data_root / "test", site="test", need_seg=True)

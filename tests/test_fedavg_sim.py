@@ -31,17 +31,17 @@ def tiny_federation(tmp_path_factory) -> Path:
     )
 
 
-def tiny_job(dst: Path, rounds: int = 2, fedprox_mu: float = 0.01) -> Path:
+def tiny_job(dst: Path, rounds: int = 2, fedprox_mu: float = 0.01, **extra) -> Path:
     """jobs/fedavg with a tiny network, 2 rounds, 1 local epoch, FedProx on: the recipe's export."""
     from fedmodal.jobs import JOBS
     from fedmodal.jobs.spec import export_job, route_settings
 
     spec = JOBS["fedavg"]
-    values = {**TINY, "num_rounds": rounds, "fedprox_mu": fedprox_mu}
+    values = {**TINY, "num_rounds": rounds, "fedprox_mu": fedprox_mu, **extra}
     return export_job(spec, dst, route_settings(spec, values))
 
 
-def simulate(job: Path, data: Path, tmp_path: Path) -> tuple[Path, str]:
+def simulate(job: Path, data: Path, tmp_path: Path, **env_extra: str) -> tuple[Path, str]:
     """Run `job` in the simulator (3 sites) under `tmp_path`; (workspace, log). Asserts success."""
     workspace = tmp_path / "workspace"
     shutil.copytree(SIMULATOR_LOCAL, workspace / "local")
@@ -51,6 +51,7 @@ def simulate(job: Path, data: Path, tmp_path: Path) -> tuple[Path, str]:
         "FEDMODAL_DATA_ROOT": str(data),
         "FEDMODAL_CACHE": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
+        **env_extra,
     }
     nvflare = Path(sys.executable).with_name("nvflare")
     command = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"]
@@ -63,8 +64,33 @@ def simulate(job: Path, data: Path, tmp_path: Path) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def fedavg_run(tiny_federation: Path, tmp_path_factory) -> tuple[Path, str, Path]:
     tmp_path = tmp_path_factory.mktemp("fedavg")
-    workspace, log = simulate(tiny_job(tmp_path), tiny_federation, tmp_path)
+    # MLflow on, into a local file store: the sites' streamed metrics reach it through the server.
+    tracking = {"tracking.mlflow": True, "tracking.tracking_uri": (tmp_path / "mlruns").as_uri()}
+    # MLflow 3 keeps its file store for opted-in users only (a server or SQLite is its default).
+    workspace, log = simulate(tiny_job(tmp_path, **tracking), tiny_federation, tmp_path, MLFLOW_ALLOW_FILE_STORE="true")
     return workspace, log, tmp_path
+
+
+def test_the_sites_metrics_reach_mlflow_one_run_per_site(fedavg_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reading client too
+
+    workspace, log, tmp_path = fedavg_run
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("fedmodal")
+    assert experiment is not None, log[-3000:]
+    assert "MlflowException" not in log
+    runs = client.search_runs([experiment.experiment_id])
+    by_site = {
+        site: [r for r in runs if r.info.run_name.startswith(f"{site}-")] for site in ("site-1", "site-2", "site-3")
+    }
+    assert all(len(found) == 1 for found in by_site.values()), [r.info.run_name for r in runs]
+    for site, (run,) in by_site.items():
+        assert run.data.metrics, f"{site}: no metric reached MLflow"
+        name = sorted(run.data.metrics)[0]
+        history = client.get_metric_history(run.info.run_id, name)
+        assert len(history) >= 2, f"{site}: {name} has {len(history)} point(s) over 2 rounds"
 
 
 def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, fedavg_run):

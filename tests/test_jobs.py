@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import filecmp
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,30 @@ def test_the_paper_profile_sets_the_papers_sizes_and_set_values_still_win(tmp_pa
     assert "profiles: paper" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"fedmodal job export: job fedavg has no profile 'paper'"):
         main(["job", "export", "fedavg", str(tmp_path), "--profile", "paper"])
+
+
+def test_mlflow_tracking_is_off_by_default_and_only_where_sites_stream_metrics(tmp_path):
+    fedavg = JOBS["fedavg"]
+    assert not fedavg.settings()["tracking"].mlflow
+    server = json.loads((REPO / "jobs/fedavg/app/config/config_fed_server.json").read_text())
+    assert all("mlflow" not in c["path"].lower() for c in server["components"])
+    on = route_settings(fedavg, {"tracking.mlflow": True, "tracking.tracking_uri": "http://tracking.example:5000"})
+    job = export_job(fedavg, tmp_path, on)
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    (receiver,) = [c for c in server["components"] if c["id"] == "mlflow_receiver"]
+    assert receiver["args"]["tracking_uri"] == "http://tracking.example:5000"
+    assert receiver["args"]["events"] == [fedavg.metrics_event]
+    with pytest.raises(ValueError, match="has no section 'tracking'"):
+        route_settings(JOBS["modalitybank"], {"tracking.mlflow": True})
+
+
+def test_the_gpu_check_says_there_is_no_cuda_and_exits_0():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/gpu_check.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout

@@ -52,7 +52,7 @@ def test_training_over_a_float16_wire_follows_float32(tmp_path):
             sites = [SiteState.from_registration(n, w.registration()) for n, w in sorted(workers.items())]
             untrained = GeneratorTrainer(resolve_config(generator, sites)).generator
             start = {k: p.detach().clone() for k, p in untrained.named_parameters()}
-        trainer, coordinator, _ = train(workers, generator, wire_precision=precision)
+        trainer, coordinator, _ = train(workers, generator, server=ControllerConfig(wire_precision=precision))
         payload = coordinator.step_payloads()["site-1"]
         payload_dtypes[precision] = {k: np.asarray(v).dtype for k, v in payload.items() if k.startswith("fake/")}
         weights[precision] = dict(trainer.generator.named_parameters())

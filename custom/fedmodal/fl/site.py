@@ -178,3 +178,10 @@ def select_device(device: str = "auto", num_threads: int = 0) -> torch.device:
         # Training shapes are fixed (patches, slices), so the one-off kernel search pays for itself.
         torch.backends.cudnn.benchmark = True
     return chosen
+
+
+def peak_gpu_memory(device: torch.device) -> int | None:
+    """Bytes of the most GPU memory torch held on `device` in this process (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))

@@ -41,7 +41,7 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     job.to_server(IntimeModelSelector(key_metric=run.key_metric), id="model_selector")
     job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
     job.to_server(CrossSiteTable(), id="cross_site_table")
-    job.to_server(TBAnalyticsReceiver(events=[f"fed.{ANALYTICS_EVENT}"]), id="tb_receiver")
+    job.to_server(TBAnalyticsReceiver(events=[f"fed.{ANALYTICS_EVENT}"]), id="tb_receiver")  # as FEDAVG's metrics_event
     fedavg = TolerantFedAvg(
         num_clients=0,
         num_rounds=run.num_rounds - run.start_round,  # NVFlare counts the rounds still to run
@@ -77,4 +77,5 @@ FEDAVG = JobSpec(
     sections={"fedavg": FederatedSegConfig, "seg": SegConfig, "site": SiteConfig},
     build=build,
     defaults={"seg": {"net": "unet2d-wt"}},
+    metrics_event=f"fed.{ANALYTICS_EVENT}",
 )

@@ -46,6 +46,27 @@ class ResourceConfig(Settings):
 
 
 @dataclass
+class TrackingConfig(Settings):
+    """Experiment tracking of the metrics a job's sites stream to the server (NVFlare's analytics
+    events), beside the TensorBoard logs every job writes.
+
+    Args:
+        mlflow: also send them to MLflow (NVFlare's `MLflowReceiver` on the server; needs the
+            `mlflow` extra there: `pip install "fedmodal[mlflow]"`). Off by default.
+        tracking_uri: where MLflow keeps them: an MLflow server ("http://host:5000"), a local
+            file store ("file:///path/mlruns"); empty: NVFlare's default, an SQLite file in the
+            job's result folder (needs the full `mlflow` package for its database).
+        experiment: the MLflow experiment; each site becomes one run of it.
+    """
+
+    settings_name = "tracking"
+
+    mlflow: bool = False
+    tracking_uri: str = ""
+    experiment: str = "fedmodal"
+
+
+@dataclass
 class JobSpec:
     """One job: its name, its settings sections, and how to build it.
 
@@ -59,6 +80,8 @@ class JobSpec:
         min_clients: sites the job needs (meta.json's min_clients).
         profiles: named sets of section values picked as a whole (`--profile paper`: the
             paper's network and image sizes, for GPU sites); `--set` values still win.
+        metrics_event: the server-side NVFlare event carrying the metrics the sites stream
+            (empty: the sites stream none, and the job has no "tracking" section).
     """
 
     name: str
@@ -68,11 +91,14 @@ class JobSpec:
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     min_clients: int = 2
     profiles: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    metrics_event: str = ""
 
     @property
     def all_sections(self) -> dict[str, type[Settings]]:
-        """The job's own sections and "resources" (every job declares what a site needs)."""
-        return {**self.sections, "resources": ResourceConfig}
+        """The job's own sections, "resources" (every job declares what a site needs) and, where
+        the sites stream metrics, "tracking"."""
+        tracking = {"tracking": TrackingConfig} if self.metrics_event else {}
+        return {**self.sections, "resources": ResourceConfig, **tracking}
 
     def settings(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Settings]:
         """Every section's settings: dataclass defaults, then this job's, then `overrides`."""
@@ -96,6 +122,8 @@ class JobSpec:
         job.set_app_packages(APP_PACKAGES)
         for site, spec in settings["resources"].resource_spec().items():
             job.job.add_resource_spec(site, spec)
+        if self.metrics_event and settings["tracking"].mlflow:
+            add_mlflow_receiver(job, settings["tracking"], self.metrics_event, self.name)
         return job
 
     def recipe(self, overrides: Mapping[str, Mapping[str, Any]] | None = None):
@@ -106,6 +134,23 @@ class JobSpec:
             """A recipe around a job fedmodal builds itself (NVFlare's recipes are per workflow)."""
 
         return FedmodalRecipe(self.job(overrides))
+
+
+def add_mlflow_receiver(job, tracking: TrackingConfig, event: str, run_name: str) -> None:
+    """NVFlare's MLflow receiver on the server, for the sites' streamed metrics."""
+    try:
+        from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
+    except ImportError as error:
+        raise ValueError(
+            f"tracking.mlflow is on but MLflow cannot be imported ({error}); install it with "
+            '`pip install "fedmodal[mlflow]"` here and on the server'
+        ) from None
+    receiver = MLflowReceiver(
+        tracking_uri=tracking.tracking_uri or None,
+        kw_args={"experiment_name": tracking.experiment, "run_name": run_name},
+        events=[event],
+    )
+    job.to_server(receiver, id="mlflow_receiver")
 
 
 def route_settings(spec: JobSpec, values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmodal.fl.site import prepare_site
+from fedmodal.fl.site import prepare_site, select_device
 from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, ControllerConfig, GeneratorConfig
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
 from fedmodal.modalitybank.generator_trainer import GeneratorTrainer
@@ -53,19 +53,21 @@ def train(
     generator: GeneratorConfig,
     log_every: int = 20,
     parts: dict | None = None,
-    wire_precision: str = ControllerConfig.wire_precision,
+    server: ControllerConfig | None = None,
 ):
     """Run the protocol in-process; returns (trainer, coordinator, seconds per step by phase).
 
-    `wire_precision`: the arrays a step carries, as the job's `server.wire_precision`.
+    `server`: the job's server settings that apply here: G's device and precision, and the
+    arrays' wire precision (its thread count is the caller's to set).
 
     `parts`, if given, is filled per phase with each step's seconds split into the server's
     fake generation, every site's discriminator step and the server's backward pass and update.
     """
+    server = server or ControllerConfig()
     sites = [SiteState.from_registration(name, w.registration()) for name, w in sorted(workers.items())]
     config = resolve_config(generator, sites)
-    trainer = GeneratorTrainer(config)
-    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed), wire_precision)
+    trainer = GeneratorTrainer(config, select_device(server.device), server.precision)
+    coordinator = StepCoordinator(trainer, sites, np.random.default_rng(config.seed), server.wire_precision)
     timings: dict[str, list[float]] = {}
     while not trainer.finished:
         phase = trainer.phase

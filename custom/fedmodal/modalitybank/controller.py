@@ -26,7 +26,7 @@ from nvflare.apis.shareable import ReturnCode, Shareable
 from nvflare.apis.signal import Signal
 
 from fedmodal.fl.direct import DirectSender, ExchangeError, exchange_by_tasks
-from fedmodal.fl.site import select_device
+from fedmodal.fl.site import peak_gpu_memory, select_device
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.config import ControllerConfig, GeneratorConfig
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
@@ -330,6 +330,7 @@ class ModalityBankController(Controller):
             "step_seconds": {phase: [round(x, 5) for x in t] for phase, t in timings.items()},
             # Sites dropped (no answer within step_timeout) and rejoined, by global step.
             "membership": self.membership,
+            "peak_gpu_memory_bytes": peak_gpu_memory(self.device),
             "wait_seconds": {phase: [round(x, 5) for x in t] for phase, t in waits.items()},
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

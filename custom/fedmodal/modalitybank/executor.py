@@ -20,7 +20,7 @@ from nvflare.apis.signal import Signal
 
 from fedmodal.atomic import write_json_atomically
 from fedmodal.fl.direct import serve_direct
-from fedmodal.fl.site import prepare_site
+from fedmodal.fl.site import peak_gpu_memory, prepare_site
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig
 from fedmodal.modalitybank.site_worker import SiteWorker, build_site_worker
@@ -96,7 +96,12 @@ class ModalityBankExecutor(Executor):
         """The site's compute per step, beside its grids: with the server's wait per step it
         tells the transport from the site's work. Stays at the site."""
         seconds = self.step_seconds
-        record = {"steps": len(seconds), "median_s": float(np.median(seconds)) if seconds else None, "seconds": seconds}
+        record = {
+            "steps": len(seconds),
+            "median_s": float(np.median(seconds)) if seconds else None,
+            "seconds": seconds,
+            "peak_gpu_memory_bytes": peak_gpu_memory(self.worker.adversary.device),
+        }
         write_json_atomically(self.worker.out_dir / STEP_SECONDS_FILE, record)
 
     def _state_root(self, fl_ctx: FLContext) -> Path:
