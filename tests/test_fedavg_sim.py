@@ -135,6 +135,7 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, fedavg_run):
             "--data",
             str(tiny_federation / "test"),
             "--with-empty",
+            "--lesion-wise",
             "--out",
             str(out),
             "--num-threads",
@@ -144,7 +145,12 @@ def test_fedavg_job_runs_in_the_simulator(tiny_federation: Path, fedavg_run):
     assert evaluate.run(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"FedAvg", "Empty prediction"}
-    assert "| FedAvg |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| FedAvg |" in table and "LW Dice(%)" in table and "LW HD95(mm)" in table
+    # Predicting nothing misses every lesion: lesion-wise Dice 0 and the 374 mm penalty.
+    empty = results["models"]["Empty prediction"]["summary"]["WT"]
+    assert empty["lesion_dice"]["mean"] == 0.0 and empty["lesion_hd95"]["mean"] == 374.0
+    assert "lesion_dice" in (out / "cases.csv").read_text().splitlines()[0]
 
 
 def test_fedavg_resumes_from_its_persisted_global_model(tiny_federation: Path, fedavg_run, tmp_path: Path):

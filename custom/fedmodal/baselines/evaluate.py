@@ -23,7 +23,15 @@ import numpy as np
 
 from fedmodal.atomic import open_atomically, write_text_atomically
 from fedmodal.brats import MODALITIES
-from fedmodal.metrics import REGIONS, SEGMENTATION_METRICS, format_table, segmentation_scores, summarise
+from fedmodal.metrics import (
+    REGIONS,
+    TABLE_METRICS,
+    TUMOUR_RULES,
+    format_table,
+    segmentation_scores,
+    summarise,
+    tumour_rules,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +53,16 @@ def parse_model_args(values: Sequence[str]) -> dict[str, Path]:
     return models
 
 
-def empty_scores(volumes: Sequence[Mapping[str, Any]], regions: Sequence[str]) -> list[dict[str, Any]]:
+def empty_scores(
+    volumes: Sequence[Mapping[str, Any]], regions: Sequence[str], lesion_wise=None
+) -> list[dict[str, Any]]:
     """Scores of an all-background prediction: the floor every model must clear."""
     out = []
     for volume in volumes:
         label = volume["label"].numpy()
-        scores = segmentation_scores(np.zeros_like(label), label, volume["spacing"], et_label=3, regions=regions)
+        scores = segmentation_scores(
+            np.zeros_like(label), label, volume["spacing"], et_label=3, regions=regions, lesion_wise=lesion_wise
+        )
         out.append({"case_id": volume["case_id"], "scores": scores, "seconds": 0.0})
     return out
 
@@ -62,6 +74,7 @@ def score_models(
     device: str = "cpu",
     net_args: Mapping[str, Any] | None = None,
     with_empty: bool = False,
+    lesion_wise=None,
 ) -> dict[str, dict[str, Any]]:
     """Score each checkpoint on the volumes.
 
@@ -73,6 +86,7 @@ def score_models(
         device: torch device.
         net_args: `SegmentationNet` args for NVFlare model files outside their app folder.
         with_empty: add an "Empty prediction" row.
+        lesion_wise: a tumour type's `LesionRules`: add the BraTS 2023+ lesion-wise scores.
 
     Returns:
         row name -> {"path", "modalities", "regions", "cases": per-case results, "summary"}.
@@ -84,7 +98,7 @@ def score_models(
         start = time.time()
         trainer, meta = trainer_from_checkpoint(path, device=device, net_args=net_args)
         used = tuple(modalities) if modalities else tuple(meta.get("trained_modalities") or MODALITIES)
-        results = trainer.score(volumes, modalities=used)
+        results = trainer.score(volumes, modalities=used, lesion_wise=lesion_wise)
         rows[name] = {
             "path": str(path),
             "modalities": list(used),
@@ -97,7 +111,7 @@ def score_models(
         logger.info("scored %s on %d cases in %.1fs", name, len(results), time.time() - start)
     if with_empty:
         regions = sorted({r for row in rows.values() for r in row["regions"]}, key=REGIONS.index) or list(REGIONS)
-        results = empty_scores(volumes, regions)
+        results = empty_scores(volumes, regions, lesion_wise)
         rows[EMPTY_ROW] = {
             "path": None,
             "modalities": [],
@@ -154,20 +168,23 @@ def write_results(
         writer.writerow(["method", "region", "metric", "mean", "std", "n"])
         for name, row in rows.items():
             for region, metrics in row["summary"].items():
-                for metric in SEGMENTATION_METRICS:
+                for metric in TABLE_METRICS:
                     if metric in metrics:
                         s = metrics[metric]
                         writer.writerow([name, region, metric, f"{s['mean']:.6g}", f"{s['std']:.6g}", s["n"]])
 
     with open_atomically(paths["cases"], newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "case_id", "region", *SEGMENTATION_METRICS])
+        columns = [
+            m
+            for m in TABLE_METRICS
+            if any(m in s for r in rows.values() for c in r["cases"] for s in c["scores"].values())
+        ]
+        writer.writerow(["method", "case_id", "region", *columns])
         for name, row in rows.items():
             for case in row["cases"]:
                 for region, metrics in case["scores"].items():
-                    writer.writerow(
-                        [name, case["case_id"], region, *(f"{metrics[m]:.6g}" for m in SEGMENTATION_METRICS)]
-                    )
+                    writer.writerow([name, case["case_id"], region, *(f"{metrics[m]:.6g}" for m in columns)])
 
     payload = {
         "title": title,
@@ -230,6 +247,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SegmentationNet args (JSON file or string) for NVFlare model files moved out of their app",
     )
     parser.add_argument("--with-empty", action="store_true", help="add an all-background reference row")
+    parser.add_argument(
+        "--lesion-wise",
+        nargs="?",
+        const="GLI",
+        default=None,
+        type=str.upper,
+        choices=sorted(TUMOUR_RULES),
+        metavar="TUMOUR",
+        help="add the BraTS 2023+ lesion-wise Dice and HD95 with the rules of a tumour type: "
+        "GLI (glioma, the default), SSA, PED, MEN or MET",
+    )
     parser.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     parser.add_argument("--title", default="", help="title of results.md")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
@@ -256,14 +284,19 @@ def run(args: argparse.Namespace) -> int:
     if args.net_config:
         text = Path(args.net_config).read_text() if Path(args.net_config).is_file() else args.net_config
         net_args = json.loads(text)
+    lesion_wise = tumour_rules(args.lesion_wise) if args.lesion_wise else None
     volumes = load_volumes(cases)
-    rows = score_models(parse_model_args(args.model), volumes, modalities, str(device), net_args, args.with_empty)
+    rows = score_models(
+        parse_model_args(args.model), volumes, modalities, str(device), net_args, args.with_empty, lesion_wise
+    )
     context = {
         "data": str(data_root),
         "split": args.split,
         "cases": len(cases),
         "held modalities": ", ".join(site.modalities),
     }
+    if args.lesion_wise:
+        context["lesion-wise"] = f"BraTS 2023+ rules for {args.lesion_wise} ({lesion_wise})"
     paths = write_results(rows, args.out, args.title or f"Segmentation on {data_root.name}", context)
     print(markdown_tables(rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

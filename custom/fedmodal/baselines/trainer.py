@@ -193,6 +193,7 @@ class SegTrainer:
         volumes: Sequence[Mapping[str, Any]],
         modalities: Sequence[str] | None = None,
         keep_predictions: bool = False,
+        lesion_wise=None,
     ) -> list[dict[str, Any]]:
         """Per-case BraTS scores (Dice, sensitivity, specificity, HD95 per predicted region).
 
@@ -200,6 +201,7 @@ class SegTrainer:
             volumes: from `fedmodal.baselines.data.load_volumes`.
             modalities: feed only these modalities (others zeroed, mask 0); default each case's own.
             keep_predictions: add the predicted label map under "prediction".
+            lesion_wise: `LesionRules` of a tumour type: add the lesion-wise scores.
 
         Returns:
             one dict per case: {"case_id", "scores": region -> metric -> value, "seconds"}.
@@ -212,7 +214,12 @@ class SegTrainer:
                 avail &= torch.tensor([m in modalities for m in MODALITIES])
             pred = self.predict(volume["image"], avail, volume["brain"])
             scores = segmentation_scores(
-                pred, volume["label"].numpy(), volume["spacing"], et_label=3, regions=self.cfg.regions
+                pred,
+                volume["label"].numpy(),
+                volume["spacing"],
+                et_label=3,
+                regions=self.cfg.regions,
+                lesion_wise=lesion_wise,
             )
             record = {"case_id": volume["case_id"], "scores": scores, "seconds": time.time() - start}
             if keep_predictions:

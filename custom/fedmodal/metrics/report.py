@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from fedmodal.brats import REGIONS
+from fedmodal.metrics.lesionwise import LESION_METRICS
 from fedmodal.metrics.segmentation import SEGMENTATION_METRICS
 from fedmodal.metrics.synthesis import SYNTHESIS_METRICS
 
@@ -55,12 +56,17 @@ _LABELS = {
     "sensitivity": "Sens(%)",
     "specificity": "Spec(%)",
     "hd95": "HD95(mm)",
+    "lesion_dice": "LW Dice(%)",
+    "lesion_hd95": "LW HD95(mm)",
     "mae": "MAE",
     "psnr": "PSNR(dB)",
     "ssim": "SSIM",
 }
-_PERCENT = {"dice", "sensitivity", "specificity"}
+_PERCENT = {"dice", "sensitivity", "specificity", "lesion_dice"}
 _DIGITS = {"dice": 1, "sensitivity": 1, "specificity": 1, "hd95": 2, "mae": 3, "psnr": 2, "ssim": 3}
+_DIGITS.update(lesion_dice=1, lesion_hd95=2)
+# Segmentation columns of a table, where the scores hold them: whole-volume, then lesion-wise.
+TABLE_METRICS = SEGMENTATION_METRICS + LESION_METRICS
 
 
 def _is_leaf(x: Any) -> bool:
@@ -114,7 +120,7 @@ def format_table(
             shown = list(regions)
         else:
             shown = [r for r in REGIONS if r in first] + [r for r in first if r not in REGIONS]
-        columns = [(r, m) for r in shown for m in SEGMENTATION_METRICS if m in first[r]]
+        columns = [(r, m) for r in shown for m in TABLE_METRICS if m in first[r]]
     else:
         columns = [(None, m) for m in SYNTHESIS_METRICS if m in first]
         columns += [(None, m) for m in first if m not in SYNTHESIS_METRICS]

@@ -89,15 +89,14 @@ def overlap_scores(pred_mask: ArrayLike, true_mask: ArrayLike) -> dict[str, floa
     return {"dice": float(dice), "sensitivity": float(sens), "specificity": float(spec)}
 
 
-def surface_distances(
+def directed_surface_distances(
     pred_mask: ArrayLike, true_mask: ArrayLike, spacing: float | Sequence[float] | None = None
-) -> np.ndarray:
-    """Pooled symmetric surface distances between two non-empty binary masks, in mm.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Surface distances between two non-empty binary masks, in mm, one array per direction.
 
     The surface of a mask is the mask minus its erosion (face connectivity); each surface
-    voxel of the prediction contributes its distance to the nearest truth surface voxel and
-    vice versa. Both directions are returned concatenated, which is what BraTS' HD95 takes a
-    percentile of.
+    voxel of the prediction has its distance to the nearest truth surface voxel
+    (prediction -> truth), and each truth surface voxel its distance to the prediction's.
 
     Args:
         pred_mask: predicted binary mask, 2D or 3D.
@@ -105,7 +104,7 @@ def surface_distances(
         spacing: voxel size in mm: None (1 mm), a scalar, or one value per axis.
 
     Returns:
-        1D float64 array of length (#pred surface voxels + #truth surface voxels).
+        (prediction -> truth, truth -> prediction) 1D float64 arrays.
 
     Raises:
         ValueError: if either mask is empty (the distances are undefined; see :func:`hd95`).
@@ -130,7 +129,17 @@ def surface_distances(
             symmetric=True,
             warn_empty=False,
         )
-    return np.concatenate([to_numpy(d).astype(np.float64).ravel() for d in distances])
+    forward, backward = (to_numpy(d).astype(np.float64).ravel() for d in distances)
+    return forward, backward
+
+
+def surface_distances(
+    pred_mask: ArrayLike, true_mask: ArrayLike, spacing: float | Sequence[float] | None = None
+) -> np.ndarray:
+    """Pooled symmetric surface distances between two non-empty binary masks, in mm: both
+    directions of :func:`directed_surface_distances` concatenated, which is what BraTS' HD95
+    takes a percentile of (length #pred surface voxels + #truth surface voxels)."""
+    return np.concatenate(directed_surface_distances(pred_mask, true_mask, spacing))
 
 
 def hd95(
@@ -172,8 +181,10 @@ def segmentation_scores(
     spacing: float | Sequence[float] | None = None,
     et_label: int = ENHANCING,
     regions: Sequence[str] = REGIONS,
+    lesion_wise=None,
 ) -> dict[str, dict[str, float]]:
-    """Per-region Dice, sensitivity, specificity and HD95 of one case.
+    """Per-region Dice, sensitivity, specificity and HD95 of one case (and, with `lesion_wise`,
+    the BraTS 2023+ lesion-wise scores beside them).
 
     Args:
         pred_label: predicted label map (2D or 3D), values in the same convention as
@@ -182,9 +193,11 @@ def segmentation_scores(
         spacing: voxel size in mm: None (1 mm), a scalar, or one value per axis.
         et_label: value of enhancing tumour (3 canonical, 4 for raw BraTS 2018-2021).
         regions: which of "WT", "TC", "ET" to score.
+        lesion_wise: a tumour type's `fedmodal.metrics.lesionwise.LesionRules` (e.g.
+            `TUMOUR_RULES["GLI"]`) to add "lesion_dice", "lesion_hd95" and the lesion counts.
 
     Returns:
-        dict region -> dict("dice", "sensitivity", "specificity", "hd95") of floats.
+        dict region -> dict("dice", "sensitivity", "specificity", "hd95"[, lesion-wise]) of floats.
     """
     pred = to_numpy(pred_label)
     true = to_numpy(true_label)
@@ -199,4 +212,8 @@ def segmentation_scores(
     for region in regions:
         p, t = pred_regions[region], true_regions[region]
         scores[region] = {**overlap_scores(p, t), "hd95": hd95(p, t, sp)}
+        if lesion_wise is not None:
+            from fedmodal.metrics.lesionwise import lesion_scores  # it builds on this module
+
+            scores[region].update(lesion_scores(p, t, sp, lesion_wise))
     return scores
