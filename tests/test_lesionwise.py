@@ -3,6 +3,10 @@ then the committed reference values of the challenge's own code (tests/fixtures/
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -72,3 +76,26 @@ def test_an_unknown_tumour_type_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown tumour type 'xyz'.*GLI"):
         tumour_rules("xyz")
     assert tumour_rules("met").min_volume == 2.0
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lesionwise"
+
+
+def reference_cases():
+    return json.loads((FIXTURES / "reference_2023.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", sorted(reference_cases()))
+def test_the_challenges_own_2023_code_gives_the_same_scores(case):
+    """Within 1e-3 Dice and 0.5 mm HD95 of the BraTS 2023 code (run apart, see the fixtures' README)."""
+    expected = reference_cases()[case]
+    truth_image, pred_image = nib.load(FIXTURES / expected["gt_file"]), nib.load(FIXTURES / expected["pred_file"])
+    truth, pred = np.asarray(truth_image.dataobj).astype(int), np.asarray(pred_image.dataobj).astype(int)
+    spacing = truth_image.header.get_zooms()[:3]
+    scores = segmentation_scores(pred, truth, spacing, lesion_wise=GLI)
+    for region in ("WT", "TC", "ET"):
+        want, got = expected[region.lower()], scores[region]
+        assert got["lesion_dice"] == pytest.approx(want["lesionwise_dice"], abs=1e-3), region
+        assert got["lesion_hd95"] == pytest.approx(want["lesionwise_hd95"], abs=0.5), region
+        assert (got["lesion_tp"], got["lesion_fn"], got["lesion_fp"]) == (want["tp"], want["fn"], want["fp"]), region
+        assert got["dice"] == pytest.approx(want["legacy_dice"], abs=1e-6), region

@@ -9,7 +9,8 @@ The rules, per region (WT, TC, ET) of one case, as the challenge published them:
 3. Each truth lesion, dilated the same way, matches every predicted component that touches
    it (a component can match several lesions); the lesion is scored against the union of its
    matched components: Dice, and HD95 (the larger of the two directed 95th percentiles of the
-   surface distances, in mm). A lesion nothing matches scores Dice 0 and HD95 374 mm.
+   surface distances, each surface element weighted by its area, in mm). A lesion nothing
+   matches scores Dice 0 and HD95 374 mm.
 4. Predicted components matching no truth lesion are false positives: Dice 0, HD95 374 each.
 5. Truth lesions of at most `min_volume` mm^3 are then dropped (too small to rank on); what
    they matched is not counted as a false positive.
@@ -28,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedmodal.metrics.arrays import ArrayLike, as_bool, check_pair, spacing_tuple
-from fedmodal.metrics.segmentation import directed_surface_distances
+from fedmodal.metrics.segmentation import surfel_distances
 
 LESION_METRICS = ("lesion_dice", "lesion_hd95")
 LESION_COUNTS = ("lesion_tp", "lesion_fn", "lesion_fp")
@@ -79,10 +80,19 @@ def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=cross, iterations=iterations)
 
 
+def area_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
+    """The distance below which `percent` % of the surface area lies (no interpolation)."""
+    order = np.argsort(distances, kind="stable")
+    cumulative = np.cumsum(areas[order]) / np.sum(areas)
+    index = min(int(np.searchsorted(cumulative, percent / 100.0)), len(order) - 1)
+    return float(distances[order][index])
+
+
 def lesion_hd95(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float]) -> float:
-    """The larger of the two directed 95th percentiles of the surface distances (mm)."""
-    forward, backward = directed_surface_distances(pred, true, spacing)
-    return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
+    """The larger of the two directed 95th percentiles of the surface distances (mm), each
+    surface element weighted by its area, as the challenge's code measures."""
+    forward, backward = surfel_distances(pred, true, spacing)
+    return max(area_percentile(*forward, 95), area_percentile(*backward, 95))
 
 
 def lesion_scores(

@@ -133,6 +133,52 @@ def directed_surface_distances(
     return forward, backward
 
 
+def surfel_distances(
+    pred_mask: ArrayLike, true_mask: ArrayLike, spacing: float | Sequence[float] | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Surface distances with each surface element's area, per direction, in mm and mm^2 (3D).
+
+    DeepMind's `surface_distance`, which the BraTS 2023 lesion-wise code uses: the surface lies
+    between voxels, on the grid of voxel corners; each corner's 2x2x2 neighbourhood code gives
+    its surface element's area (MONAI's port of DeepMind's table) and the distances are taken
+    on that grid. (MONAI's own `use_subvoxels` distances differ from it by up to 2 mm on the
+    reference cases.)
+
+    Returns:
+        ((prediction -> truth distances, prediction's element areas), (truth -> prediction, truth's)).
+    """
+    from monai.metrics.utils import ENCODING_KERNEL, create_table_neighbour_code_to_surface_area
+    from scipy import ndimage
+
+    pred, true = as_bool(pred_mask), as_bool(true_mask)
+    check_pair(pred, true)
+    if pred.ndim != 3:
+        raise ValueError(f"surface elements are defined for 3D masks, got {pred.ndim}D")
+    if not pred.any() or not true.any():
+        raise ValueError("surface distances are undefined when a mask is empty; use hd95() for the BraTS rules.")
+    sp = spacing_tuple(spacing, 3)
+    areas_of_code = create_table_neighbour_code_to_surface_area(sp)[0].numpy().astype(np.float64)
+    kernel = np.asarray(ENCODING_KERNEL[3])
+    found = np.argwhere(pred | true)
+    low, high = found.min(0), found.max(0) + 1
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+
+    def corners(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        padded = np.zeros(tuple(high - low + 1), np.uint8)  # one zero layer past the high side
+        padded[:-1, :-1, :-1] = mask[box]
+        code = ndimage.correlate(padded, kernel, mode="constant", cval=0)
+        return (code != 0) & (code != len(areas_of_code) - 1), code
+
+    border_pred, code_pred = corners(pred)
+    border_true, code_true = corners(true)
+    to_true = ndimage.distance_transform_edt(~border_true, sampling=sp)
+    to_pred = ndimage.distance_transform_edt(~border_pred, sampling=sp)
+    return (
+        (to_true[border_pred], areas_of_code[code_pred[border_pred]]),
+        (to_pred[border_true], areas_of_code[code_true[border_true]]),
+    )
+
+
 def surface_distances(
     pred_mask: ArrayLike, true_mask: ArrayLike, spacing: float | Sequence[float] | None = None
 ) -> np.ndarray:
