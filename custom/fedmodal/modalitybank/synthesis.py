@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -108,6 +109,12 @@ def add_synthesize_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--modalities", nargs="*", default=None, help="modalities to write (default: all G knows)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    parser.add_argument(
+        "--with-seg",
+        action="store_true",
+        help="copy each case's seg beside its synthetic images: the output is a site to train on "
+        "(--include-synthetic), e.g. the synthetic data set of ModalityBank's Tables I and II",
+    )
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
@@ -126,6 +133,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
         paths = {m: synthetic_file(case, m) for m in modalities}
         paths = {m: out / case.case_id / p.name for m, p in paths.items()}
         synthesize_case(trainer, case, modalities, paths, et_label=manifest.et_label)
+        if args.with_seg:
+            shutil.copy2(case.seg, out / case.case_id / case.seg.name)
         print(f"{case.case_id}: wrote {', '.join(sorted(modalities))}")
     print(f"{len(cases)} cases synthesised into {out}")
     return 0

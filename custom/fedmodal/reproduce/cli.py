@@ -9,6 +9,18 @@ import importlib
 TABLES = {
     "mixmfl": ("fedmodal.reproduce.mixmfl", "MDM-MixMFL Tables 1 and 3 (per-client mDice, regions, ablations)"),
     "fedmepd": ("fedmodal.reproduce.fedmepd", "FedMEPD vs FedMEMA vs FedAvg vs local, per client (Dice, HD95)"),
+    "modalitybank-table1": (
+        "fedmodal.reproduce.modalitybank",
+        "ModalityBank Table I: segmentation trained on synthetic T1/T2/FLAIR vs real, FedAvg, AsynDGAN",
+    ),
+    "modalitybank-table2": (
+        "fedmodal.reproduce.modalitybank",
+        "ModalityBank Table II: sites lacking a modality, synthetic and completed sites",
+    ),
+    "modalitybank-table3": (
+        "fedmodal.reproduce.modalitybank",
+        "ModalityBank Table III: the bank with its generator pretrained on other data",
+    ),
 }
 
 
