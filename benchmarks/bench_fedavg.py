@@ -66,7 +66,7 @@ def prepare_worker(site: str, root: Path, num_threads: int, values: dict | None 
     cfg = settings["seg"]
     site_ = prepare_site(site, settings["site"], settings["fedavg"].seed, include_synthetic=cfg.include_synthetic)
     data = site_data(site_.manifest, cfg.include_synthetic)
-    loader = train_loader(data.cases("train"), cfg, site_.seed)
+    loader = train_loader(data.cases("train"), cfg, site_.seed, site_.device)
     volumes = load_volumes(data.validation_cases())
     return SegTrainer(cfg, device=site_.device, seed=site_.seed), loader, volumes
 

@@ -39,7 +39,9 @@ def device_facts() -> dict:
     facts = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version()}
     if torch.cuda.is_available():
         facts["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        facts["bf16"] = torch.cuda.is_bf16_supported()
+        from fedmodal.amp import cuda_has_bf16
+
+        facts["native_bf16"] = [cuda_has_bf16(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
         facts["cudnn"] = torch.backends.cudnn.version()
     return facts
 

@@ -21,7 +21,7 @@ def tiny_net(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
 
 
-def test_auto_means_fp32_on_a_cpu_and_unknown_precisions_are_refused_by_name():
+def test_auto_means_fp32_on_a_cpu_and_unknown_precisions_are_refused_by_name(monkeypatch):
     assert resolve_precision("auto", "cpu") == "fp32"
     assert MixedPrecision("auto", "cpu").scaler is None
     assert resolve_precision("bf16", "cpu") == "bf16"
@@ -31,6 +31,7 @@ def test_auto_means_fp32_on_a_cpu_and_unknown_precisions_are_refused_by_name():
         ControllerConfig(precision="half")
     with pytest.raises(ValueError, match="adversary precision must be one of"):
         AdversaryConfig(precision="float16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here, also on a GPU host
     with pytest.raises(ValueError, match="does not have"):
         select_device("cuda")
 
@@ -124,9 +125,29 @@ def test_a_bf16_discriminator_returns_fp32_gradients_close_to_fp32_ones():
     assert cosine > 0.99
 
 
-def test_loader_workers_default_to_none_without_cuda_and_refuse_nonsense():
+def test_loader_workers_follow_the_sites_device_and_refuse_nonsense(monkeypatch):
     assert SegConfig().loader_workers == -1
-    assert loader_workers(-1) == (0 if not torch.cuda.is_available() else loader_workers(-1))
-    assert loader_workers(3) == 3
+    assert loader_workers(-1, cuda=False) == 0  # a CPU site's cores train
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(-1, cuda=True) == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(-1, cuda=True) == 1
+    assert loader_workers(3, cuda=False) == 3
     with pytest.raises(ValueError, match="loader_workers must be -1"):
-        loader_workers(-2)
+        loader_workers(-2, cuda=False)
+
+
+def test_an_fp16_input_gradient_that_overflows_the_scale_is_taken_again_at_a_smaller_one():
+    net = tiny_net()
+    x = torch.randn(2, 2, 8, 8)
+    reference_input = x.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(net(reference_input).sum() * 50.0, reference_input)
+    amp = MixedPrecision("fp16", "cpu")
+    leaf = x.clone().requires_grad_(True)
+    with amp.autocast():
+        loss = net(leaf).float().sum() * 50.0  # x 65536 is past fp16's largest value
+    grad = amp.grad(loss, leaf)
+    assert torch.isfinite(grad).all()
+    assert amp.input_scale < 2.0**16
+    cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference.flatten(), dim=0)
+    assert cosine > 0.995

@@ -237,6 +237,8 @@ def test_mlflow_tracking_is_off_by_default_and_only_where_sites_stream_metrics(t
     (receiver,) = [c for c in server["components"] if c["id"] == "mlflow_receiver"]
     assert receiver["args"]["tracking_uri"] == "http://tracking.example:5000"
     assert receiver["args"]["events"] == [fedavg.metrics_event]
+    with pytest.raises(ValueError, match="tracking.mlflow needs tracking.tracking_uri"):
+        fedavg.settings(route_settings(fedavg, {"tracking.mlflow": True}))
     with pytest.raises(ValueError, match="has no section 'tracking'"):
         route_settings(JOBS["modalitybank"], {"tracking.mlflow": True})
 

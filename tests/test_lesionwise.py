@@ -72,6 +72,14 @@ def test_empty_truth_and_prediction_score_as_the_challenge_does():
     assert lesion_scores(empty, lesion)["lesion_dice"] == 0.0
 
 
+def test_a_2d_map_is_refused_whatever_it_holds():
+    flat = np.zeros((32, 32), bool)
+    flat[4:9, 4:9] = True
+    for pred in (np.zeros_like(flat), flat):
+        with pytest.raises(ValueError, match="3D label maps, got 2D"):
+            lesion_scores(pred, flat)
+
+
 def test_an_unknown_tumour_type_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown tumour type 'xyz'.*GLI"):
         tumour_rules("xyz")

@@ -293,3 +293,13 @@ def test_discriminator_paper_size_and_batch_norm():
     db = ConditionalPatchDiscriminator(2, in_channels=3, ndf=8, norm="batch")
     assert any(isinstance(m, nn.BatchNorm2d) for m in db.modules())
     assert db(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_resize_upsampling_generator_keeps_the_size_and_has_no_transposed_convolution(spatial_dims):
+    g = ResnetGenerator(spatial_dims, 2, 1, ngf=4, n_blocks=1, upsample="resize")
+    assert not any(isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)) for m in g.modules())
+    x = torch.randn(1, 2, *([16] * spatial_dims))
+    assert g(x).shape == (1, 1, *([16] * spatial_dims))
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        ResnetGenerator(spatial_dims, 2, 1, ngf=4, n_blocks=1, upsample="pixelshuffle")

@@ -26,6 +26,13 @@ def check_precision(precision: str, where: str = "precision") -> None:
         raise ValueError(f"{where} must be one of {PRECISIONS}, got {precision!r}")
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Native bf16 on this CUDA device (Ampere and later); torch's default check also counts
+    emulation, which is slow, so older cards must not count."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The precision `precision` means on `device`: "auto" becomes fp32, bf16 or fp16."""
     check_precision(precision)
@@ -33,8 +40,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "bf16" if cuda_has_bf16(device) else "fp16"
+    if precision == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
         raise ValueError(
             f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}; use 'fp16' or 'auto'"
         )
@@ -57,6 +64,8 @@ class MixedPrecision:
         self.dtype = DTYPES.get(self.precision)
         # fp16's narrow range underflows small gradients; bf16 has fp32's range and needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        # The scale of input gradients (`grad`): its own, since they are not the weights' gradients.
+        self.input_scale = 2.0**16
 
     def autocast(self):
         """The context a forward pass runs in."""
@@ -88,20 +97,21 @@ class MixedPrecision:
         self.scaler.update()
 
     def grad(self, loss: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """d(loss)/d(inputs) in fp32, scaled and unscaled under fp16 so small values survive."""
+        """d(loss)/d(inputs) as fp32. Under fp16 the loss is scaled so small values survive, and
+        a scale that overflows is halved and the gradient taken again (never an inf that leaves)."""
         if self.scaler is None:
             (g,) = torch.autograd.grad(loss, inputs)
             return g.float()
-        scale = self.scaler.get_scale()
-        (g,) = torch.autograd.grad(loss * scale, inputs)
-        return g.float() / scale
-
-    def state_dict(self) -> dict:
-        return self.scaler.state_dict() if self.scaler is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)
+        while True:
+            (g,) = torch.autograd.grad(loss * self.input_scale, inputs, retain_graph=True)
+            g = g.float() / self.input_scale
+            if bool(torch.isfinite(g).all()) or self.input_scale <= 1.0:
+                break
+            self.input_scale /= 2.0
+        if not bool(torch.isfinite(g).all()):
+            # No scale helps: the gradient itself is not finite (a diverged discriminator).
+            raise FloatingPointError("the input gradient is not finite even unscaled under fp16; use bf16 or fp32")
+        return g
 
     def describe(self) -> str:
         return f"{self.precision} on {self.device}" + (" with a gradient scaler" if self.scaler is not None else "")

@@ -155,7 +155,9 @@ def pool_sites(sites: Sequence[SiteData]) -> SiteData:
 # ----------------------------------------------------------------------------- loaders
 
 
-def train_loader(cases: Sequence[CaseFiles], cfg: SegConfig, seed: int) -> DataLoader:
+def train_loader(
+    cases: Sequence[CaseFiles], cfg: SegConfig, seed: int, device: torch.device | str = "cpu"
+) -> DataLoader:
     """Random slices (2D) or patches (3D) of the cases, `cfg.batch_size` samples a step.
 
     A step takes `ceil(batch_size / samples_per_case)` cases and `samples_per_case` samples
@@ -166,7 +168,10 @@ def train_loader(cases: Sequence[CaseFiles], cfg: SegConfig, seed: int) -> DataL
     Args:
         cases: training cases.
         cfg: the baseline configuration.
-        seed: seeds the case order and every random transform.
+        seed: seeds the case order and every random transform (a run repeats at the same
+            worker count: each worker draws its own random stream).
+        device: where the batches go; on CUDA, `cfg.loader_workers` -1 means worker processes
+            and the batches come in pinned memory.
     """
     if not cases:
         raise ValueError("no training case: the train split is empty")
@@ -181,7 +186,8 @@ def train_loader(cases: Sequence[CaseFiles], cfg: SegConfig, seed: int) -> DataL
     transform.set_random_state(seed=seed % (2**32))
     dataset = segmentation_dataset(list(cases), transform, MODALITIES, cache=cfg.cache)
     cases_per_step = max(1, math.ceil(cfg.batch_size / cfg.samples_per_case))
-    workers = loader_workers(cfg.loader_workers)
+    cuda = torch.device(device).type == "cuda"
+    workers = loader_workers(cfg.loader_workers, cuda)
     return DataLoader(
         dataset,
         batch_size=cases_per_step,
@@ -189,19 +195,20 @@ def train_loader(cases: Sequence[CaseFiles], cfg: SegConfig, seed: int) -> DataL
         collate_fn=list_data_collate,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        # MONAI's loader reseeds each worker's random transforms from this generator: runs repeat.
+        pin_memory=cuda,
+        # MONAI's loader seeds each worker's random transforms from this generator.
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def loader_workers(requested: int) -> int:
-    """Worker processes for `requested` (-1: 0 without CUDA, else up to 4, half the cores)."""
+def loader_workers(requested: int, cuda: bool) -> int:
+    """Worker processes for `requested` (-1: none when the site trains on a CPU, whose cores
+    train; on CUDA up to 4, half the cores)."""
     if requested < -1:
         raise ValueError(f"loader_workers must be -1 (auto), 0 or more, got {requested}")
     if requested >= 0:
         return requested
-    if not torch.cuda.is_available():
+    if not cuda:
         return 0
     return min(4, max(1, (os.cpu_count() or 2) // 2))
 
@@ -317,4 +324,4 @@ def site_training_data(name: str, site_config, run_seed: int, sampling: SegConfi
     train = data.cases("train")
     if not train:
         raise ValueError(f"site {name}: no training case under {site.root}")
-    return site, data, train_loader(train, sampling, site.seed)
+    return site, data, train_loader(train, sampling, site.seed, site.device)

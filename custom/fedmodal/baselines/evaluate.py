@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmodal.amp import PRECISIONS
 from fedmodal.atomic import open_atomically, write_text_atomically
 from fedmodal.brats import MODALITIES
 from fedmodal.metrics import (
@@ -75,6 +76,7 @@ def score_models(
     net_args: Mapping[str, Any] | None = None,
     with_empty: bool = False,
     lesion_wise=None,
+    precision: str = "auto",
 ) -> dict[str, dict[str, Any]]:
     """Score each checkpoint on the volumes.
 
@@ -87,6 +89,7 @@ def score_models(
         net_args: `SegmentationNet` args for NVFlare model files outside their app folder.
         with_empty: add an "Empty prediction" row.
         lesion_wise: a tumour type's `LesionRules`: add the BraTS 2023+ lesion-wise scores.
+        precision: inference arithmetic (`fedmodal.amp`; "auto": mixed precision on CUDA).
 
     Returns:
         row name -> {"path", "modalities", "regions", "cases": per-case results, "summary"}.
@@ -96,7 +99,7 @@ def score_models(
     rows: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
         start = time.time()
-        trainer, meta = trainer_from_checkpoint(path, device=device, net_args=net_args)
+        trainer, meta = trainer_from_checkpoint(path, device=device, net_args=net_args, precision=precision)
         used = tuple(modalities) if modalities else tuple(meta.get("trained_modalities") or MODALITIES)
         results = trainer.score(volumes, modalities=used, lesion_wise=lesion_wise)
         rows[name] = {
@@ -261,6 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     parser.add_argument("--title", default="", help="title of results.md")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: mixed precision on CUDA")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
@@ -287,7 +291,14 @@ def run(args: argparse.Namespace) -> int:
     lesion_wise = tumour_rules(args.lesion_wise) if args.lesion_wise else None
     volumes = load_volumes(cases)
     rows = score_models(
-        parse_model_args(args.model), volumes, modalities, str(device), net_args, args.with_empty, lesion_wise
+        parse_model_args(args.model),
+        volumes,
+        modalities,
+        str(device),
+        net_args,
+        args.with_empty,
+        lesion_wise,
+        args.precision,
     )
     context = {
         "data": str(data_root),

@@ -94,7 +94,7 @@ class SegExecutor(Executor):
 
         site = prepare_site(self.site_name, self.site_config, self.seed, include_synthetic=self.cfg.include_synthetic)
         self.data = site_data(site.manifest, self.cfg.include_synthetic)
-        self.loader = train_loader(self.data.cases("train"), self.cfg, site.seed)
+        self.loader = train_loader(self.data.cases("train"), self.cfg, site.seed, site.device)
         self.trainer = SegTrainer(self.cfg, device=site.device, seed=site.seed)
         run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.out_dir = run_dir / "seg"

@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     seed = site_seed(args.seed, name)
     logger.info("training on %s (%s), modalities %s, out %s", name, data.summary()["cases"], data.modalities, out)
 
-    loader = train_loader(data.cases("train"), cfg, seed)
+    loader = train_loader(data.cases("train"), cfg, seed, device)
     if not data.cases("val"):
         logger.warning("%s has no validation case: validating on 2 training cases", name)
     val_volumes = load_volumes(data.validation_cases())

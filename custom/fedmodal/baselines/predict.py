@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmodal.amp import PRECISIONS
 from fedmodal.atomic import save_atomically, write_json_atomically
 from fedmodal.brats import ET_LABEL, MODALITIES, canonical_modality
 from fedmodal.data.errors import DataError
@@ -201,7 +202,10 @@ def predict_folder(
         "modalities": list(used),
         "labels": {r: {str(k): v for k, v in label_legend(trainer.cfg.regions, r).items()} for r in releases},
         "grid": "each file on its case's own grid, affine and orientation (those of the case's images)",
-        "settings": {k: getattr(trainer.cfg, k) for k in ("threshold", "sw_overlap", "patch_size", "precision")},
+        "settings": {
+            **{k: getattr(trainer.cfg, k) for k in ("threshold", "sw_overlap", "patch_size")},
+            "precision": trainer.amp.precision,  # what ran, "auto" resolved for the device
+        },
         "cases": records,
         "problems": problems,
         "seconds": round(time.time() - start, 2),
@@ -242,6 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="sigmoid threshold (default: the model's)")
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: mixed precision on CUDA")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
@@ -249,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     from fedmodal.fl.site import select_device
 
     overrides = {k: v for k, v in (("threshold", args.threshold), ("sw_overlap", args.overlap)) if v is not None}
+    overrides["precision"] = args.precision
     report = predict_folder(
         args.model,
         args.input,

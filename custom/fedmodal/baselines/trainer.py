@@ -134,12 +134,12 @@ class SegTrainer:
             for batch in loader:
                 if should_stop is not None and should_stop():
                     return {"loss": last_loss, "steps": steps, "seconds": time.time() - start, "stopped": True}
-                image = batch["image"].to(self.device).float()
+                image = batch["image"].to(self.device, non_blocking=True).float()
                 avail = drop_modalities(
                     torch.as_tensor(batch["avail"]).bool(), self.cfg.modality_dropout, self.generator
                 )
                 x = network_input(image, avail, self.cfg.mask_channels)
-                y = region_targets(batch["label"].to(self.device), self.cfg.regions)
+                y = region_targets(batch["label"].to(self.device, non_blocking=True), self.cfg.regions)
                 self.optimizer.zero_grad(set_to_none=True)
                 with self.amp.autocast():
                     logits = self.net(x)
@@ -329,7 +329,9 @@ def trainer_from_checkpoint(
 ) -> tuple[SegTrainer, dict[str, Any]]:
     """A `SegTrainer` holding a checkpoint's weights (for scoring), and the checkpoint's meta.
 
-    `overrides` change inference settings (e.g. `sw_overlap`, `threshold`)."""
+    `overrides` change inference settings (e.g. `sw_overlap`, `threshold`, `precision`);
+    precision is "auto" for the inference device unless given, whatever training used."""
+    overrides = {"precision": "auto", **overrides}
     loaded = load_checkpoint(path, net_args)
     if loaded["config"]:
         settings = {**loaded["config"], **overrides}

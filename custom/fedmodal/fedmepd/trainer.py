@@ -152,10 +152,10 @@ class FedMEPDTrainer:
         anchors_t = self._anchors(anchors)
         start, totals, steps = time.time(), [], 0
         for batch in loader:
-            image = batch["image"].to(self.device).float()
+            image = batch["image"].to(self.device, non_blocking=True).float()
             present = torch.as_tensor(batch["avail"]).bool() & self.held_mask
             present = present.to(self.device)
-            label = batch["label"].to(self.device).long()
+            label = batch["label"].to(self.device, non_blocking=True).long()
             with self.amp.autocast():
                 out = self.net(image, present, anchors_t)
             fused = self.loss_fn(out.logits.float(), label)

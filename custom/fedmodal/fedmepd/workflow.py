@@ -109,7 +109,7 @@ class FedMEPDController(KeyGroupWorkflow):
                 f"the server's data at {site.root} lacks {missing}: FedMEPD's server needs every modality"
             )
         cases = data.cases("train") + data.cases("val") + data.cases("test")  # the server trains on all it holds
-        self.loader = train_loader(cases, self.method.seg_config(), site.seed)
+        self.loader = train_loader(cases, self.method.seg_config(), site.seed, site.device)
         self.trainer = FedMEPDTrainer(self.method, data.modalities, device=site.device, seed=site.seed)
         self.info(f"server data: {site.describe()}; {len(cases)} cases for the full-modal epoch")
 

@@ -175,6 +175,10 @@ def select_device(device: str = "auto", num_threads: int = 0) -> torch.device:
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asks for CUDA, which this machine does not have; use 'auto' or 'cpu'")
+        count = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        torch.cuda.set_device(chosen)  # so that code asking for "the" CUDA device gets this one
         # Training shapes are fixed (patches, slices), so the one-off kernel search pays for itself.
         torch.backends.cudnn.benchmark = True
     return chosen

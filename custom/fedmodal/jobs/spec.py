@@ -53,9 +53,10 @@ class TrackingConfig(Settings):
     Args:
         mlflow: also send them to MLflow (NVFlare's `MLflowReceiver` on the server; needs the
             `mlflow` extra there: `pip install "fedmodal[mlflow]"`). Off by default.
-        tracking_uri: where MLflow keeps them: an MLflow server ("http://host:5000"), a local
-            file store ("file:///path/mlruns"); empty: NVFlare's default, an SQLite file in the
-            job's result folder (needs the full `mlflow` package for its database).
+        tracking_uri: where MLflow keeps them, required with `mlflow`: an MLflow server
+            ("http://host:5000"), a database ("sqlite:////path/mlflow.db", needs the full
+            `mlflow` package) or a local file store ("file:///path/mlruns", which MLflow 3 opens
+            only with MLFLOW_ALLOW_FILE_STORE=true in the server's environment).
         experiment: the MLflow experiment; each site becomes one run of it.
     """
 
@@ -64,6 +65,13 @@ class TrackingConfig(Settings):
     mlflow: bool = False
     tracking_uri: str = ""
     experiment: str = "fedmodal"
+
+    def __post_init__(self):
+        if self.mlflow and not self.tracking_uri:
+            raise ValueError(
+                "tracking.mlflow needs tracking.tracking_uri: an MLflow server (http://host:5000), "
+                "sqlite:////path/mlflow.db (full mlflow package) or file:///path/mlruns"
+            )
 
 
 @dataclass
@@ -123,7 +131,7 @@ class JobSpec:
         for site, spec in settings["resources"].resource_spec().items():
             job.job.add_resource_spec(site, spec)
         if self.metrics_event and settings["tracking"].mlflow:
-            add_mlflow_receiver(job, settings["tracking"], self.metrics_event, self.name)
+            add_mlflow_receiver(job, settings["tracking"], self.metrics_event)
         return job
 
     def recipe(self, overrides: Mapping[str, Mapping[str, Any]] | None = None):
@@ -136,7 +144,7 @@ class JobSpec:
         return FedmodalRecipe(self.job(overrides))
 
 
-def add_mlflow_receiver(job, tracking: TrackingConfig, event: str, run_name: str) -> None:
+def add_mlflow_receiver(job, tracking: TrackingConfig, event: str) -> None:
     """NVFlare's MLflow receiver on the server, for the sites' streamed metrics."""
     try:
         from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
@@ -146,8 +154,9 @@ def add_mlflow_receiver(job, tracking: TrackingConfig, event: str, run_name: str
             '`pip install "fedmodal[mlflow]"` here and on the server'
         ) from None
     receiver = MLflowReceiver(
-        tracking_uri=tracking.tracking_uri or None,
-        kw_args={"experiment_name": tracking.experiment, "run_name": run_name},
+        tracking_uri=tracking.tracking_uri,
+        # NVFlare names each site's run "<site>-<job id>-<job name>-<run_name>".
+        kw_args={"experiment_name": tracking.experiment, "run_name": "metrics"},
         events=[event],
     )
     job.to_server(receiver, id="mlflow_receiver")

@@ -161,8 +161,8 @@ class MixMFLTrainer:
         start, samples, retrieved = time.time(), 0, 0
         for batch in loader:
             self._check_batch(torch.as_tensor(batch["avail"]))
-            image = _plain(batch["image"]).to(self.device).float()
-            target = region_targets(_plain(batch["label"]).to(self.device), self.cfg.regions)
+            image = _plain(batch["image"]).to(self.device, non_blocking=True).float()
+            target = region_targets(_plain(batch["label"]).to(self.device, non_blocking=True), self.cfg.regions)
             self.optimizer.zero_grad(set_to_none=True)
             with self.amp.autocast():
                 encoded = self.net.encode(image, self.held)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedmodal.amp import PRECISIONS
 from fedmodal.fl.site import prepare_site, select_device
 from fedmodal.modalitybank.config import AdversaryConfig, BankSiteConfig, ControllerConfig, GeneratorConfig
 from fedmodal.modalitybank.coordinator import SiteState, StepCoordinator, resolve_config
@@ -100,10 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=g.image_size)
     parser.add_argument("--ngf", type=int, default=g.ngf)
     parser.add_argument("--n-blocks", type=int, default=g.n_blocks)
+    parser.add_argument("--upsample", default=g.upsample, choices=["transpose", "resize"])
     parser.add_argument("--batch-size", type=int, default=g.batch_size)
     parser.add_argument("--ndf", type=int, default=a.ndf)
     parser.add_argument("--slices", default=c.slices, choices=["tumour", "brain"])
     parser.add_argument("--seed", type=int, default=g.seed)
+    parser.add_argument("--device", default=c.device, help="auto (CUDA when present), cpu, cuda:0 ...")
+    parser.add_argument("--precision", default=c.precision, choices=PRECISIONS, help="auto: mixed precision on CUDA")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         ngf=args.ngf,
         n_blocks=args.n_blocks,
+        upsample=args.upsample,
         source_modality=args.source,
         pretrain_steps=args.steps,
         bank_steps=0,
@@ -124,13 +129,15 @@ def run(args: argparse.Namespace) -> int:
         generator,
         Path(args.out) / "discriminators",
         slices=args.slices,
-        site=BankSiteConfig(split="all"),
-        adversary=AdversaryConfig(ndf=args.ndf),
+        site=BankSiteConfig(split="all", device=args.device),
+        adversary=AdversaryConfig(ndf=args.ndf, precision=args.precision),
     )
     missing = [name for name, w in workers.items() if args.source not in w.modalities]
     if missing:
         raise SystemExit(f"{missing} do not hold the source modality {args.source!r}")
-    trainer, _, timings = train(workers, generator)
+    trainer, _, timings = train(
+        workers, generator, server=ControllerConfig(device=args.device, precision=args.precision)
+    )
     trainer.save(args.out)
     rate = len(timings["pretrain"]) / sum(timings["pretrain"])
     print(

@@ -16,6 +16,7 @@ from fedmodal.amp import check_precision
 from fedmodal.config import Settings
 from fedmodal.fl.site import SiteConfig
 from fedmodal.fl.timing import TASK_POLL_SECONDS
+from fedmodal.nets.generator import UPSAMPLING
 
 MODES = ("bank", "asyndgan")
 STEP_TRANSPORTS = ("direct", "task")
@@ -35,6 +36,8 @@ class GeneratorConfig(Settings):
         image_size: side of the square (cubic) images G produces; sites resample to it.
         ngf: generator width (64 in the paper).
         n_blocks: residual blocks (9 in the paper).
+        upsample: "transpose" (pix2pix's transposed convolutions, the paper's) or "resize"
+            (nearest-neighbour x2 + convolution; no checkerboard stripes).
         modulate: which convs the bank modulates: "resblocks" (reference code) or "all" (paper text).
         source_modality: the modality G is pretrained on.
         target_modalities: the modalities G learns to synthesise (canonical order is kept);
@@ -58,6 +61,7 @@ class GeneratorConfig(Settings):
     image_size: int = 64
     ngf: int = 32
     n_blocks: int = 4
+    upsample: str = "transpose"
     modulate: str = "resblocks"
     source_modality: str = "t1"
     target_modalities: tuple[str, ...] = ()
@@ -73,6 +77,8 @@ class GeneratorConfig(Settings):
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
         unknown = [m for m in (self.source_modality, *self.target_modalities) if m not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; expected names from {MODALITIES}")
@@ -175,7 +181,7 @@ class AdversaryConfig(Settings):
         dp_noise: noise multiplier sigma; Gaussian noise N(0, (sigma*C)^2) per sample; the site
             file may raise it too.
         precision: the discriminators' arithmetic at each site, as the server's `precision`;
-            the gradient that leaves is computed in fp32 whatever the discriminator's precision.
+            the gradient that leaves is an fp32 array (computed through the discriminator's precision).
     """
 
     ndf: int = 32

@@ -43,6 +43,7 @@ def build_generator(config: GeneratorConfig) -> torch.nn.Module:
         out_channels=out_channels,
         ngf=config.ngf,
         n_blocks=config.n_blocks,
+        upsample=config.upsample,
     )
 
 
@@ -216,7 +217,7 @@ class GeneratorTrainer:
         saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
         if saved["modulated"]:
             raise ValueError(f"{directory} holds a modulated generator; pretraining needs the plain one")
-        shape_fields = ("spatial_dims", "ngf", "n_blocks")
+        shape_fields = ("spatial_dims", "ngf", "n_blocks", "upsample")
         differing = [f for f in shape_fields if saved["config"][f] != getattr(self.config, f)]
         if differing or self.config.mode != "bank":
             raise ValueError(f"cannot start this run from {directory}: it differs in {differing or ['mode']}")
@@ -236,7 +237,16 @@ class GeneratorTrainer:
         directory = Path(directory)
         saved = torch.load(directory / GENERATOR_FILE, map_location="cpu", weights_only=False)
         saved_config = GeneratorConfig.from_dict(saved["config"], where=str(directory / GENERATOR_FILE))
-        shape_fields = ("mode", "spatial_dims", "image_size", "ngf", "n_blocks", "modulate", "target_modalities")
+        shape_fields = (
+            "mode",
+            "spatial_dims",
+            "image_size",
+            "ngf",
+            "n_blocks",
+            "upsample",
+            "modulate",
+            "target_modalities",
+        )
         differing = [f for f in shape_fields if getattr(saved_config, f) != getattr(config, f)]
         if differing:
             raise ValueError(f"cannot resume from {directory}: the checkpoint differs in {differing}")

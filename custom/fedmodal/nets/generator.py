@@ -11,6 +11,9 @@ from torch import nn
 PADDING_MODES = ("reflect", "replicate", "zeros")
 
 
+UPSAMPLING = ("transpose", "resize")
+
+
 def spatial_pad(spatial_dims: int, mode: str, width: int) -> nn.Module:
     """A layer padding every spatial side by `width` voxels with `mode` (reflect, replicate or zeros)."""
     if mode == "reflect":
@@ -102,7 +105,8 @@ class ResnetBlock(nn.Module):
 
 class ResnetGenerator(nn.Module):
     """pix2pix ResNet generator: 7-wide stem, stride-2 downsamplings, residual blocks,
-    transposed-conv upsamplings, 7-wide head, tanh output in [-1, 1].
+    upsamplings (transposed convolutions, or nearest-neighbour resizes each followed by a
+    convolution), 7-wide head, tanh output in [-1, 1].
 
     Spatial sizes divisible by 2**n_downsampling come back unchanged.
     """
@@ -118,6 +122,7 @@ class ResnetGenerator(nn.Module):
         norm: str | tuple = "instance",
         padding_mode: str = "reflect",
         dropout: float = 0.0,
+        upsample: str = "transpose",
     ) -> None:
         """
         Args:
@@ -132,12 +137,17 @@ class ResnetGenerator(nn.Module):
             padding_mode: padding of the 7-wide and residual convolutions: "reflect" (pix2pix),
                 "replicate" or "zeros". Reflection needs each side larger than the pad (3).
             dropout: dropout probability inside the residual blocks (0 for none).
+            upsample: "transpose" (pix2pix's stride-2 transposed convolutions) or "resize"
+                (nearest-neighbour x2, then a 3-wide convolution), which avoids the
+                checkerboard stripes transposed convolutions leave when training is short.
         """
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
         self.spatial_dims = spatial_dims
         self.n_downsampling = n_downsampling
         # pix2pix: convolutions followed by batch norm carry no bias, otherwise they do.
@@ -161,6 +171,11 @@ class ResnetGenerator(nn.Module):
         up = []
         for i in range(n_downsampling):
             c = width // 2**i
+            if upsample == "resize":
+                resize = nn.Upsample(scale_factor=2, mode="nearest")
+                conv = PaddedConvolution(spatial_dims, c, c // 2, 3, padding_mode, norm, "relu", 0.0, bias)
+                up.append(nn.Sequential(resize, conv))
+                continue
             up.append(
                 Convolution(
                     spatial_dims,
