@@ -151,3 +151,14 @@ def test_an_fp16_input_gradient_that_overflows_the_scale_is_taken_again_at_a_sma
     assert amp.input_scale < 2.0**16
     cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference.flatten(), dim=0)
     assert cosine > 0.995
+
+
+def test_auto_takes_bf16_on_a_cpu_only_for_trainers_that_allow_it_and_only_with_native_bf16(monkeypatch):
+    import fedmodal.amp as amp
+
+    monkeypatch.setattr(amp, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu", bf16_on_cpu=True) == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32"  # segmentation trainers keep fp32 on CPUs
+    monkeypatch.setattr(amp, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu", bf16_on_cpu=True) == "fp32"
+    assert resolve_precision("fp32", "cpu", bf16_on_cpu=True) == "fp32"  # a named precision wins

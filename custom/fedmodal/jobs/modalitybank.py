@@ -33,9 +33,13 @@ def build(name: str, settings: dict, min_clients: int) -> FedJob:
     return job
 
 
-# The paper's networks at its slice size (METHODS.md section 1): ResNet G with ngf 64 and 9
-# blocks on 256x256 slices, a 70x70 PatchGAN D of 64 base channels. For GPU sites.
-PAPER = {"generator": {"image_size": 256, "ngf": 64, "n_blocks": 9}, "adversary": {"ndf": 64, "n_layers": 3}}
+# The paper's networks at its slice size (METHODS.md section 1): ResNet G with ngf 64, 9 blocks
+# and pix2pix's transposed-convolution upsampling on 256x256 slices, a 70x70 PatchGAN D of 64
+# base channels. For GPU sites.
+PAPER = {
+    "generator": {"image_size": 256, "ngf": 64, "n_blocks": 9, "upsample": "transpose"},
+    "adversary": {"ndf": 64, "n_layers": 3},
+}
 
 SECTIONS = {
     "generator": GeneratorConfig,

@@ -61,7 +61,7 @@ class GeneratorConfig(Settings):
     image_size: int = 64
     ngf: int = 32
     n_blocks: int = 4
-    upsample: str = "transpose"
+    upsample: str = "resize"
     modulate: str = "resblocks"
     source_modality: str = "t1"
     target_modalities: tuple[str, ...] = ()
@@ -132,8 +132,9 @@ class ControllerConfig(Settings):
         wire_precision: "float32" or "float16" for the fakes and the gradients a step carries;
             float16 halves a step's bytes (for wide-area links), the arrays scaled per tensor so
             the small gradients keep their digits (`fedmodal.modalitybank.protocol.pack`).
-        precision: the generator's arithmetic: "auto" (bf16, else fp16 with a gradient scaler,
-            on CUDA; fp32 on CPU), "fp32", "bf16" or "fp16" (`fedmodal.amp`).
+        precision: the generator's arithmetic: "auto" (bf16 on a CUDA device with native bf16,
+            else fp16 with a gradient scaler; bf16 on a CPU with native bf16 (AMX, AVX512-BF16),
+            else fp32), "fp32", "bf16" or "fp16" (`fedmodal.amp`).
     """
 
     slices: str = "tumour"
@@ -175,7 +176,8 @@ class AdversaryConfig(Settings):
         lr: Adam learning rate (decayed on the server's schedule).
         beta1: Adam's first beta.
         lambda_l1: weight of the L1 term to the real image (100 in pix2pix/AsynDGAN).
-        l1_in_brain: restrict the L1 term to the brain mask.
+        l1_in_brain: restrict the L1 term to the brain mask (the default: the background is
+            fixed at -1 anyway, and the L1 over it only pulls the brain's grey levels down).
         dp_clip: per-sample L2 bound C on the returned gradient (0 = no clipping); a site's
             `fedmodal_site.json` may raise it (the stricter value wins).
         dp_noise: noise multiplier sigma; Gaussian noise N(0, (sigma*C)^2) per sample; the site
@@ -189,7 +191,7 @@ class AdversaryConfig(Settings):
     lr: float = 2e-4
     beta1: float = 0.5
     lambda_l1: float = 100.0
-    l1_in_brain: bool = False
+    l1_in_brain: bool = True
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     precision: str = "auto"

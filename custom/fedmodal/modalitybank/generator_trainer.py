@@ -70,7 +70,9 @@ class GeneratorTrainer:
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
         self.generator = build_generator(config).to(self.device)
-        self.amp = MixedPrecision(precision, self.device)
+        self.amp = MixedPrecision(
+            precision, self.device, bf16_on_cpu=True
+        )  # measured: benchmarks/bench_generator_settings.py
         self.progress = TrainerProgress()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None

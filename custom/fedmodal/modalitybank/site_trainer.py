@@ -58,7 +58,7 @@ class SiteAdversary:
             self.optimizers[modality] = torch.optim.Adam(
                 net.parameters(), lr=self.config.lr, betas=(self.config.beta1, 0.999)
             )
-            self.amps[modality] = MixedPrecision(self.config.precision, self.device)
+            self.amps[modality] = MixedPrecision(self.config.precision, self.device, bf16_on_cpu=True)
         return self.discriminators[modality]
 
     def _set_lr(self, modality: str, step: int, total: int) -> None:
