@@ -96,9 +96,9 @@ def run_variant(name: str, values: dict, data: Path, out: Path, steps: int | Non
         started = time.perf_counter()
         trainer, _, timings = train(workers, settings["generator"], server=settings["server"])
         seconds = time.perf_counter() - started
-        checkpoint = trainer.save(out / name / "checkpoint")
-    test = build_manifest(data / "test", site="test", need_seg=True)
-    scores = evaluate_checkpoint(checkpoint, test.cases, None, "tumour", test.et_label)
+        checkpoint = trainer.save(Path(work) / "checkpoint")  # scored, then dropped with the folder
+        test = build_manifest(data / "test", site="test", need_seg=True)
+        scores = evaluate_checkpoint(checkpoint, test.cases, None, "tumour", test.et_label)
     grid(trainer, test.cases, test.et_label, out / f"{name}.png", f"{name}: {values or 'the job defaults'}")
     return {
         "settings": values,
