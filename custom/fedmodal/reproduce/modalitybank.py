@@ -82,7 +82,7 @@ def generator_stage(job: str, budget: dict[str, int], extra: dict[str, Any] | No
         if samples:
             shutil.copy2(samples[-1], grids / f"server_{samples[-1].name}")
         for site in SITES:  # each site's real-vs-synthetic previews, drawn at the site
-            for png in sorted((folder / "ws" / site / "simulate_job" / OUTPUT_DIR).glob("*.png")):
+            for png in sorted((folder / "ws" / site / "simulate_job" / OUTPUT_DIR).rglob("*.png")):
                 shutil.copy2(png, grids / f"{site}_{png.name}")
         summary = json.loads((outputs / "summary.json").read_text())
         return {"checkpoint": str(outputs / "checkpoint"), "steps_per_second": summary.get("steps_per_second")}
