@@ -323,6 +323,14 @@ def test_sites_keep_their_discriminators_at_checkpoints_for_a_resumed_run(site_s
 
     assert "start afresh" in worker(tmp_path / "elsewhere", seed=0).load_state(7)
 
+    # A later checkpoint's save does not lose this one: a server killed before its own save of
+    # step 9 resumes at 7, and the sites still hold step 7; only the last KEPT_STATES are kept.
+    for step in (9, 11, 13):
+        coordinator._plan = None
+        first.step(coordinator.step_payloads(checkpoint_step=step)["site-1"])
+    assert "resumed from" in worker(tmp_path / "state", seed=1).load_state(9)
+    assert "start afresh" in worker(tmp_path / "state", seed=1).load_state(7)  # dropped: three are kept
+
 
 def test_a_dropped_site_gets_no_gradient_and_the_others_are_renormalised(site_slices, tmp_path):
     """A site that did not answer a step: its fakes get zero gradient, the answering holders'

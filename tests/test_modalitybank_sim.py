@@ -16,6 +16,7 @@ import torch
 from fedmodal.data.phantoms import build_federation
 from fedmodal.jobs import JOBS
 from fedmodal.jobs.spec import export_job, route_settings
+from fedmodal.modalitybank.site_worker import state_file
 
 MODALITYBANK = JOBS["modalitybank"]
 
@@ -219,7 +220,7 @@ def test_resume_continues_with_the_sites_discriminators(runs, tmp_path_factory, 
         tmp_path, phantom_data, "direct", resume_from=str(checkpoint), bank_steps=TINY_SERVER["bank_steps"] + 2
     )
     for site in ("site-1", "site-2", "site-3"):
-        state = tmp_path / "site-state" / site / run["run_id"] / "discriminators.pt"
+        state = tmp_path / "site-state" / site / run["run_id"] / state_file(run["global_step"])
         assert f"site {site}: discriminators resumed from {state} (step {run['global_step']})" in log
     summary = json.loads((resumed_ws / "server" / "simulate_job" / "modalitybank" / "summary.json").read_text())
     assert summary["steps"] == {"bank": 2}

@@ -18,7 +18,13 @@ from fedmodal.modalitybank.config import AdversaryConfig
 from fedmodal.modalitybank.grids import mask_picture, save_grid
 from fedmodal.modalitybank.site_trainer import SiteAdversary
 
-STATE_FILE = "discriminators.pt"
+STATE_FILE = "discriminators.pt"  # the final discriminators, in the run's output folder
+STATE_PATTERN = "discriminators_step*.pt"  # kept at each server checkpoint, for a resume
+KEPT_STATES = 3  # checkpoints' worth of discriminators a site keeps
+
+
+def state_file(global_step: int) -> str:
+    return f"discriminators_step{global_step:08d}.pt"
 
 
 class SiteWorker:
@@ -130,22 +136,26 @@ class SiteWorker:
         return reply
 
     def save_state(self, global_step: int) -> Path:
-        """Keep the discriminators (and their optimizers) as of the server's checkpoint."""
-        path = self.state_dir / STATE_FILE
+        """Keep the discriminators (and their optimizers) as of the server's checkpoint at
+        `global_step`, with the previous ones: a server killed after this step's save here but
+        before its own resumes from an earlier checkpoint, whose state must still be at hand."""
+        path = self.state_dir / state_file(global_step)
         self.adversary.save(path, global_step=global_step)
+        kept = sorted(self.state_dir.glob(STATE_PATTERN))
+        for old in kept[:-KEPT_STATES]:
+            old.unlink(missing_ok=True)
         return path
 
     def load_state(self, global_step: int) -> str:
         """Load the discriminators saved at `global_step`; returns what happened, for the log."""
-        path = self.state_dir / STATE_FILE if self.state_dir is not None else None
+        path = self.state_dir / state_file(global_step) if self.state_dir is not None else None
         if path is None or not path.is_file():
-            return f"site {self.site_name}: no saved discriminators in {self.state_dir}; they start afresh"
-        state = SiteAdversary.read(path, self.adversary.device)
-        if state["global_step"] != global_step:
+            saved = sorted(p.name for p in self.state_dir.glob(STATE_PATTERN)) if self.state_dir is not None else []
             return (
-                f"site {self.site_name}: the discriminators in {path} are from step {state['global_step']}, the "
-                f"server resumes at step {global_step}; they start afresh"
+                f"site {self.site_name}: no discriminators saved at step {global_step} in {self.state_dir} "
+                f"(it holds {saved or 'none'}); they start afresh"
             )
+        state = SiteAdversary.read(path, self.adversary.device)
         self.adversary.load_state_dict(state["discriminators"])
         return f"site {self.site_name}: discriminators resumed from {path} (step {global_step})"
 
