@@ -77,7 +77,7 @@ def grid(trainer, test_cases, et_label: int, path: Path, title: str) -> None:
 def run_variant(name: str, values: dict, data: Path, out: Path, steps: int | None) -> dict:
     from fedmodal.data.manifest import build_manifest
     from fedmodal.jobs import job_settings
-    from fedmodal.modalitybank.central import build_workers, train
+    from fedmodal.modalitybank.central import train_job
     from fedmodal.modalitybank.quality import evaluate_checkpoint
 
     if steps:
@@ -85,16 +85,8 @@ def run_variant(name: str, values: dict, data: Path, out: Path, steps: int | Non
     settings = job_settings("modalitybank", **values)
     torch.manual_seed(settings["generator"].seed)
     with tempfile.TemporaryDirectory(prefix="mb-variant-") as work:
-        workers = build_workers(
-            {site: data / site for site in SITES},
-            settings["generator"],
-            Path(work) / "sites",
-            slices=settings["server"].slices,
-            site=settings["site"],
-            adversary=settings["adversary"],
-        )
         started = time.perf_counter()
-        trainer, _, timings = train(workers, settings["generator"], server=settings["server"])
+        trainer, _, timings = train_job(settings, {site: data / site for site in SITES}, Path(work) / "sites")
         seconds = time.perf_counter() - started
         checkpoint = trainer.save(Path(work) / "checkpoint")  # scored, then dropped with the folder
         test = build_manifest(data / "test", site="test", need_seg=True)

@@ -63,25 +63,19 @@ def steady_rate(seconds: list[float]) -> float:
 def central(steps: int, data_root: Path, threads: int, profile: str | None = None) -> dict:
     """Steps per second per phase with every site's worker in this process (threads 0: torch's
     default); on CUDA also the peak GPU memory."""
-    from fedmodal.fl.site import peak_gpu_memory, select_device
-    from fedmodal.modalitybank.central import build_workers, train
+    from fedmodal.fl.site import peak_gpu_memory
+    from fedmodal.modalitybank.central import train_job
 
-    select_device("cpu", threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # The job's own configuration (`profile`: a named one of it).
     settings = job_settings(profile, pretrain_steps=steps, bank_steps=steps)
     out = Path(tempfile.mkdtemp(prefix="mb-central-"))
-    workers = build_workers(
-        {site: data_root / site for site in ("site-1", "site-2", "site-3")},
-        settings["generator"],
-        out,
-        slices=settings["server"].slices,
-        site=settings["site"],
-        adversary=settings["adversary"],
-    )
     parts: dict = {}
-    trainer, _, timings = train(workers, settings["generator"], parts=parts, server=settings["server"])
+    roots = {site: data_root / site for site in ("site-1", "site-2", "site-3")}
+    trainer, _, timings = train_job(settings, roots, out, parts)
     shutil.rmtree(out, ignore_errors=True)
     rates = {phase: steady_rate(t) for phase, t in timings.items()}
     rates["peak_gpu_memory_bytes"] = peak_gpu_memory(trainer.device)

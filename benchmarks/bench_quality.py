@@ -38,19 +38,11 @@ def central_generator_stage(steps: dict[str, int], data: Path):
 
     def run(folder: Path, rep) -> dict[str, Any]:
         from fedmodal.jobs import job_settings
-        from fedmodal.modalitybank.central import build_workers, train
+        from fedmodal.modalitybank.central import train_job
 
         values = {"pretrain_steps": steps["pretrain_steps"], "bank_steps": steps["bank_steps"]}
         settings = job_settings("modalitybank", **values)
-        workers = build_workers(
-            {site: data / site for site in SITES},
-            settings["generator"],
-            folder / "sites",
-            slices=settings["server"].slices,
-            site=settings["site"],
-            adversary=settings["adversary"],
-        )
-        trainer, _, timings = train(workers, settings["generator"], server=settings["server"])
+        trainer, _, timings = train_job(settings, {site: data / site for site in SITES}, folder / "sites")
         checkpoint = trainer.save(folder / "checkpoint")
         return {"checkpoint": str(checkpoint), "steps": {p: len(t) for p, t in timings.items()}}
 

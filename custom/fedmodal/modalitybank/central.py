@@ -90,6 +90,20 @@ def train(
     return trainer, coordinator, timings
 
 
+def train_job(settings: dict, site_roots: dict[str, Path], out_dir: Path, parts: dict | None = None):
+    """A job's settings (`fedmodal.jobs.job_settings("modalitybank")`) trained in one process on
+    `site_roots`: the federated job's exact work without NVFlare. Returns what `train` returns."""
+    workers = build_workers(
+        site_roots,
+        settings["generator"],
+        out_dir,
+        slices=settings["server"].slices,
+        site=settings["site"],
+        adversary=settings["adversary"],
+    )
+    return train(workers, settings["generator"], parts=parts, server=settings["server"])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults are the job's (fedmodal.modalitybank.config), so the result loads into the
     # default jobs/modalitybank as its "pretrained_generator".
