@@ -16,7 +16,7 @@ from typing import Any
 
 from fedmodal.fedmepd.workflow import FedMEPDServerConfig
 from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, write_table
-from fedmodal.reproduce.stages import REGIONS, fedavg_stage, keygroup_stage, local_stage
+from fedmodal.reproduce.stages import REGIONS, fedavg_scores_stage, keygroup_stage, local_stage
 
 CLIENTS = [f"site-{k}" for k in range(1, 9)]
 _JOB = FedMEPDServerConfig()
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             keygroup_stage("fedmepd", "fedmepd/per_site.json", {**rounds, "personalise": False, "anchors_k": 3}, 8),
             per_round * budget["rounds"],
         ),
-        Stage("fedavg", fedavg_stage(budget, 0.0, "fedmepd", len(CLIENTS)), 12 * budget["rounds"]),
+        Stage("fedavg", fedavg_scores_stage(budget, 0.0, "fedmepd", len(CLIENTS)), 12 * budget["rounds"]),
         Stage("local", local_stage(budget, "fedmepd", CLIENTS), 8 * 3 * budget["rounds"]),
         Stage("tables", tables_stage, 1),
     ]

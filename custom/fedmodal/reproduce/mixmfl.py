@@ -17,7 +17,7 @@ from typing import Any
 
 from fedmodal.mixmfl.workflow import MixMFLServerConfig
 from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, write_table
-from fedmodal.reproduce.stages import REGIONS, fedavg_stage, keygroup_stage, local_stage
+from fedmodal.reproduce.stages import REGIONS, fedavg_scores_stage, keygroup_stage, local_stage
 
 CLIENTS = [f"site-{k}" for k in range(1, 7)]
 # rounds x local epochs of every federated method; local-only trains rounds x local epochs epochs.
@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         for name, (_, variant) in ABLATIONS.items()
     ]
     stages += [
-        Stage("fedavg", fedavg_stage(budget, 0.0, "mixmfl", len(CLIENTS)), estimate_s=12 * budget["rounds"]),
-        Stage("fedprox", fedavg_stage(budget, 0.01, "mixmfl", len(CLIENTS)), estimate_s=12 * budget["rounds"]),
+        Stage("fedavg", fedavg_scores_stage(budget, 0.0, "mixmfl", len(CLIENTS)), estimate_s=12 * budget["rounds"]),
+        Stage("fedprox", fedavg_scores_stage(budget, 0.01, "mixmfl", len(CLIENTS)), estimate_s=12 * budget["rounds"]),
         Stage("local", local_stage(budget, "mixmfl", CLIENTS), estimate_s=6 * 3 * budget["rounds"]),
     ]
     rep = Reproduction(

@@ -140,7 +140,7 @@ def seg_stage(data_of, sites: list[str], budget: dict[str, int], synthetic: bool
     return run
 
 
-def fedavg_stage(budget: dict[str, int]):
+def fedavg_model_stage(budget: dict[str, int]):
     """jobs/fedavg (the same 2D U-Net) over the real sites; its last global model."""
 
     def run(folder: Path, rep: Reproduction) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def table_stages(table: str, budget: dict[str, int], data: Path) -> list[Stage]:
             Stage("synthetic-modalitybank", synthetic_stage("modalitybank", data), 60),
             Stage("synthetic-asyndgan", synthetic_stage("asyndgan", data), 60),
             Stage("seg-real-all", seg_stage(real, SITES, budget), 3 * seg_s),
-            Stage("seg-fedavg-all", fedavg_stage(budget), 2 * seg_s),
+            Stage("seg-fedavg-all", fedavg_model_stage(budget), 2 * seg_s),
             *[Stage(f"seg-{site}", seg_stage(real, [site], budget), seg_s) for site in SITES],
             Stage(
                 "seg-asyndgan",
@@ -213,7 +213,7 @@ def table_stages(table: str, budget: dict[str, int], data: Path) -> list[Stage]:
             Stage("synthetic-modalitybank", synthetic_stage("modalitybank", data), 60),
             Stage("completed", completed_stage(data), 60),
             *[Stage(f"seg-{site}", seg_stage(real, [site], budget), seg_s) for site in SITES],
-            Stage("seg-fedavg-all", fedavg_stage(budget), 2 * seg_s),
+            Stage("seg-fedavg-all", fedavg_model_stage(budget), 2 * seg_s),
             Stage("seg-modalitybank", seg_stage(synthetic, SITES, budget, synthetic=True), 3 * seg_s),
             *[
                 Stage(

@@ -41,7 +41,7 @@ def keygroup_stage(job: str, per_site_file: str, values: dict[str, Any], sites: 
     return run
 
 
-def fedavg_stage(budget: dict[str, int], fedprox_mu: float, preset: str, sites: int):
+def fedavg_scores_stage(budget: dict[str, int], fedprox_mu: float, preset: str, sites: int):
     """jobs/fedavg on the same sites: the last global model on each client's own test split."""
 
     def run(folder: Path, rep: Reproduction) -> dict[str, Any]:
