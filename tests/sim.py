@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from fedmodal.fl.allow_list import customize_simulator
+from fedmodal.fl.simulator import misassigned_clients
 from fedmodal.jobs import JOBS
 from fedmodal.jobs.spec import export_job, route_settings
 
@@ -26,17 +28,21 @@ def run_job(name: str, values: dict, tmp: Path, data: Path, sites: int, timeout:
     """Run job `name` with `values` in the simulator under `tmp` on `data`; (workspace, log). Asserts success."""
     spec = JOBS[name]
     job = export_job(spec, tmp / "jobs", route_settings(spec, values))
-    customize_simulator(tmp / "ws")
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(sites)],
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    log = proc.stdout + proc.stderr
+    for attempt in (1, 2):  # once more only when NVFlare's simulator mixed up its clients (fedmodal.fl.simulator)
+        shutil.rmtree(tmp / "ws", ignore_errors=True)
+        customize_simulator(tmp / "ws")
+        proc = subprocess.run(
+            [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(sites)],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        log = proc.stdout + proc.stderr
+        if proc.returncode == 0 or attempt == 2 or not misassigned_clients(tmp / "ws"):
+            break
     assert proc.returncode == 0, log[-4000:]
     return tmp / "ws", log
 
