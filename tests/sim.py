@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fedmodal.fl.allow_list import customize_simulator
-from fedmodal.fl.simulator import misassigned_clients
+from fedmodal.fl.simulator import check_client_identities
 from fedmodal.jobs import JOBS
 from fedmodal.jobs.spec import export_job, route_settings
 
@@ -29,20 +29,18 @@ def run_job(name: str, values: dict, tmp: Path, data: Path, sites: int, timeout:
     spec = JOBS[name]
     job = export_job(spec, tmp / "jobs", route_settings(spec, values))
     env = {**os.environ, "FEDMODAL_DATA_ROOT": str(data), "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
-    for attempt in (1, 2):  # once more only when NVFlare's simulator mixed up its clients (fedmodal.fl.simulator)
-        shutil.rmtree(tmp / "ws", ignore_errors=True)
-        customize_simulator(tmp / "ws")
-        proc = subprocess.run(
-            [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(sites)],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        log = proc.stdout + proc.stderr
-        if proc.returncode == 0 or attempt == 2 or not misassigned_clients(tmp / "ws"):
-            break
+    shutil.rmtree(tmp / "ws", ignore_errors=True)
+    customize_simulator(tmp / "ws")
+    proc = subprocess.run(
+        [str(NVFLARE), "simulator", str(job), "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(sites)],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    check_client_identities(tmp / "ws")
     assert proc.returncode == 0, log[-4000:]
     return tmp / "ws", log
 

@@ -20,6 +20,7 @@ import pytest
 
 from fedmodal.data.phantoms import build_federation
 from fedmodal.fl.allow_list import customize_simulator
+from fedmodal.fl.simulator import check_client_identities
 from fedmodal.jobs import JOBS
 from fedmodal.jobs.spec import export_job, route_settings
 from sim import TINY_NETS
@@ -96,7 +97,9 @@ def simulate_with_fault(tmp: Path, job: str, values: dict, data: Path, sites: in
             pid = site_worker_pid(workspace, "site-3")
             assert pid is not None, "no simulator worker process for site-3"
             fault(pid, log)
-            assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+            proc.wait(timeout=600)
+            check_client_identities(workspace)
+            assert proc.returncode == 0, log.read_text()[-4000:]
         finally:
             if proc.poll() is None:
                 proc.kill()

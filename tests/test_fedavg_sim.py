@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmodal.fl.simulator import check_client_identities
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "fedavg"
 SIMULATOR_LOCAL = REPO / "simulator_workspace" / "local"  # the class allow-list admitting fedmodal.*
@@ -57,6 +59,7 @@ def simulate(job: Path, data: Path, tmp_path: Path, **env_extra: str) -> tuple[P
     command = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
+    check_client_identities(workspace)
     assert done.returncode == 0, log[-4000:]
     return workspace, log
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fedmodal.data.phantoms import build_federation
+from fedmodal.fl.simulator import check_client_identities
 from fedmodal.jobs import JOBS
 from fedmodal.jobs.spec import export_job, route_settings
 from fedmodal.modalitybank.site_worker import state_file
@@ -78,6 +79,7 @@ def simulate(tmp_path: Path, data: Path, transport: str, **server_args) -> tuple
         timeout=600,
     )
     log = proc.stdout + proc.stderr
+    check_client_identities(workspace)
     assert proc.returncode == 0, log[-4000:]
     return workspace, log
 

@@ -104,46 +104,26 @@ def write_client_log(ws, folder: str, identity: str) -> None:
     (ws / folder / "log.txt").write_text(line * 3)
 
 
-def test_a_simulator_client_that_ran_as_another_is_recognised(tmp_path):
-    from fedmodal.fl.simulator import misassigned_clients
-
-    for site in ("site-1", "site-2", "site-3"):
-        write_client_log(tmp_path, site, site)
-    (tmp_path / "server").mkdir()
-    (tmp_path / "server" / "log.txt").write_text("[identity=simulator_server, run=simulate_job]\n")
-    assert misassigned_clients(tmp_path) == {}
-    write_client_log(tmp_path, "site-1", "site-3")  # the NVFlare race seen in a Table III run
-    assert misassigned_clients(tmp_path) == {"site-1": ["site-3"]}
-
-
-def test_a_simulator_run_whose_clients_were_mixed_up_runs_once_more(tmp_path, monkeypatch, capsys):
+def test_a_simulator_run_whose_clients_were_mixed_up_is_refused_by_name(tmp_path, monkeypatch):
+    """Even at exit 0: a site that never trained makes the stage's results not the federation's."""
     from fedmodal.reproduce import stages
 
-    calls = []
-
     def command(args, cwd, log):
-        calls.append(args)
         ws = tmp_path / "stage" / "ws"
-        assert not (ws / "site-1").exists(), "the first attempt's workspace is not reused"
-        write_client_log(ws, "site-1", "site-3" if len(calls) == 1 else "site-1")
-        if len(calls) == 1:
-            raise RuntimeError("command failed (exit 2)")
+        assert not (ws / "site-2").exists(), "an earlier run's workspace is not reused"
+        write_client_log(ws, "site-1", "site-3")
 
+    (tmp_path / "stage" / "ws" / "site-2").mkdir(parents=True)
     rep = Reproduction(tmp_path / "out", [])
     monkeypatch.setattr(rep, "command", command)
-    server = stages.simulate(rep, tmp_path / "stage", "fedavg", {"num_rounds": 1}, 3)
-    assert len(calls) == 2 and server == tmp_path / "stage" / "ws" / "server" / "simulate_job"
-    assert "started for site-1 ran as site-3); running again" in capsys.readouterr().out
-    assert (tmp_path / "stage" / "ws" / "local" / "resources.json").is_file()
+    with pytest.raises(RuntimeError, match="started for site-1 ran as site-3"):
+        stages.simulate(rep, tmp_path / "stage", "fedavg", {"num_rounds": 1}, 3)
 
 
-def test_a_simulator_run_that_fails_for_its_own_reasons_is_not_retried(tmp_path, monkeypatch):
+def test_a_simulator_run_that_fails_for_its_own_reasons_says_its_own_error(tmp_path, monkeypatch):
     from fedmodal.reproduce import stages
 
-    calls = []
-
     def command(args, cwd, log):
-        calls.append(args)
         write_client_log(tmp_path / "stage" / "ws", "site-1", "site-1")
         raise RuntimeError("command failed (exit 1)")
 
@@ -151,4 +131,4 @@ def test_a_simulator_run_that_fails_for_its_own_reasons_is_not_retried(tmp_path,
     monkeypatch.setattr(rep, "command", command)
     with pytest.raises(RuntimeError, match="exit 1"):
         stages.simulate(rep, tmp_path / "stage", "fedavg", {"num_rounds": 1}, 3)
-    assert len(calls) == 1
+    assert (tmp_path / "stage" / "ws" / "local" / "resources.json").is_file()  # the allow-list was in place

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from fedmodal.fl.simulator import guard_simulator_client_names
 from fedmodal.fl.timing import WAIT_AFTER_MIN_SECONDS
 
 
@@ -35,6 +36,7 @@ class TolerantFedAvg(FedAvg):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        guard_simulator_client_names()  # before the simulator starts its clients
         self.min_responses = int(min_responses)
         self.wait_after_min = int(wait_after_min)
         self.round_timeout = int(round_timeout)

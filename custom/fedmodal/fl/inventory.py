@@ -23,6 +23,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from fedmodal.atomic import write_json_atomically
+from fedmodal.fl.simulator import guard_simulator_client_names
 from fedmodal.fl.site import SiteConfig, data_root_is_set, prepare_site
 
 TASK_NAME = "inventory"
@@ -82,6 +83,7 @@ class InventoryController(Controller):
 
     def __init__(self, min_sites: int = 0, task_timeout: int = 600):
         super().__init__()
+        guard_simulator_client_names()  # before the simulator starts its clients
         self.min_sites = min_sites
         self.task_timeout = task_timeout
 

@@ -46,6 +46,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from fedmodal.atomic import save_atomically, write_json_atomically
 from fedmodal.config import Settings
 from fedmodal.fl.keygroups import META_MODALITIES, META_NUM_SAMPLES, KeyGroupAggregator, KeyGroups
+from fedmodal.fl.simulator import guard_simulator_client_names
 from fedmodal.fl.timing import TASK_POLL_SECONDS, WAIT_AFTER_MIN_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class KeyGroupWorkflow(ModelController):
     def __init__(self, run: KeyGroupRunConfig, output_dir: str = "keygroups", over_holders_only: bool = True):
         # Site errors are handled here (the site is left out of the round), not by NVFlare's panic.
         super().__init__(persistor_id="", ignore_result_error=True, task_check_period=float(run.task_poll))
+        guard_simulator_client_names()  # before the simulator starts its clients
         self.num_rounds = int(run.num_rounds)
         self.task_timeout = int(run.task_timeout)
         self.min_sites = int(run.min_sites)

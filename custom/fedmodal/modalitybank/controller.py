@@ -26,6 +26,7 @@ from nvflare.apis.shareable import ReturnCode, Shareable
 from nvflare.apis.signal import Signal
 
 from fedmodal.fl.direct import DirectSender, ExchangeError, exchange_by_tasks
+from fedmodal.fl.simulator import guard_simulator_client_names
 from fedmodal.fl.site import peak_gpu_memory, select_device
 from fedmodal.modalitybank import protocol as P
 from fedmodal.modalitybank.config import ControllerConfig, GeneratorConfig
@@ -56,6 +57,7 @@ class ModalityBankController(Controller):
         self.generator_config = GeneratorConfig.from_dict(self.generator, where="the controller's generator")
         self.run_config = ControllerConfig.from_dict(self.server, where="the controller's server settings")
         super().__init__(task_check_period=self.run_config.task_poll)
+        guard_simulator_client_names()  # before the simulator starts its clients
         self.out_dir: Path | None = None
         self.writer = None
         self.sender = DirectSender()

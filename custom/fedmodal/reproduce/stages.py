@@ -21,25 +21,22 @@ BASELINE_NET = "unet2d-brats"  # the 2D WT/TC/ET U-Net of the comparisons (fedmo
 def simulate(rep: Reproduction, folder: Path, job: str, values: dict[str, Any], sites: int) -> Path:
     """Export `job` with `values` changed and run it in `nvflare simulator`; returns the server's run folder."""
     from fedmodal.fl.allow_list import customize_simulator
-    from fedmodal.fl.simulator import describe, misassigned_clients
+    from fedmodal.fl.simulator import check_client_identities
     from fedmodal.jobs import JOBS
     from fedmodal.jobs.spec import export_job, route_settings
 
     spec = JOBS[job]
     job_dir = export_job(spec, folder / "job", route_settings(spec, values))
     ws = folder / "ws"
+    shutil.rmtree(ws, ignore_errors=True)  # an interrupted run's workspace is not resumed
+    customize_simulator(ws)
     command = [executable("nvflare"), "simulator", job_dir, "-w", ws, "-n", str(sites), "-t", str(sites)]
-    for attempt in (1, 2):
-        shutil.rmtree(ws, ignore_errors=True)  # an interrupted run's workspace is not resumed
-        customize_simulator(ws)
-        try:
-            rep.command(command, cwd=folder, log=folder / "simulator.log")
-            break
-        except RuntimeError:
-            misassigned = misassigned_clients(ws)
-            if attempt == 2 or not misassigned:
-                raise
-            print(f"  {folder.name}: NVFlare's simulator mixed up its clients ({describe(misassigned)}); running again")
+    try:
+        rep.command(command, cwd=folder, log=folder / "simulator.log")
+    except RuntimeError:
+        check_client_identities(ws)  # names NVFlare's client mix-up when that is why it failed
+        raise
+    check_client_identities(ws)
     return ws / "server" / "simulate_job"
 
 
