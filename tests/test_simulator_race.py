@@ -20,6 +20,7 @@ from fedmodal.fl.simulator import (
     guard_simulator_client_names,
     misassigned_clients,
 )
+from fedmodal.jobs import JOBS
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("simulator_race_driver.py")
@@ -51,15 +52,27 @@ def test_the_guard_stays_out_of_a_process_without_the_simulator():
     assert done.stdout.strip() == "False"
 
 
-def test_the_guard_wraps_the_client_runner_once(monkeypatch):
+@pytest.fixture
+def unguarded_runner(monkeypatch):
+    """NVFlare's simulator client runner as NVFlare ships it, restored after the test."""
     from nvflare.private.fed.app.simulator import simulator_runner
 
     runner = simulator_runner.SimulatorClientRunner
     monkeypatch.setattr(runner, "__init__", runner.__init__)
     monkeypatch.delattr(runner, "_fedmodal_client_names_guarded", raising=False)
+    return runner
+
+
+def test_the_guard_wraps_the_client_runner_once(unguarded_runner):
     assert guard_simulator_client_names()
-    once = runner.__init__
-    assert guard_simulator_client_names() and runner.__init__ is once
+    once = unguarded_runner.__init__
+    assert guard_simulator_client_names() and unguarded_runner.__init__ is once
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_every_jobs_server_workflow_puts_the_guard_in_place_when_built(name, unguarded_runner):
+    JOBS[name].job()  # builds the server's workflows, as the simulator does before its clients start
+    assert getattr(unguarded_runner, "_fedmodal_client_names_guarded", False), name
 
 
 def write_client_log(ws: Path, folder: str, identity: str) -> None:
