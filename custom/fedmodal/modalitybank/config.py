@@ -66,8 +66,8 @@ class GeneratorConfig(Settings):
     source_modality: str = "t1"
     target_modalities: tuple[str, ...] = ()
     train_source_bank: bool = False
-    pretrain_steps: int = 200
-    bank_steps: int = 300
+    pretrain_steps: int = 1200
+    bank_steps: int = 800
     batch_size: int = 4
     lr: float = 2e-4
     beta1: float = 0.5
