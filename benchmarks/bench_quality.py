@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedmodal.data.phantoms import ensure_federation
     from fedmodal.modalitybank.config import GeneratorConfig
     from fedmodal.reproduce import modalitybank as mb
-    from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage
+    from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, data_input
 
     g = GeneratorConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     rows = {"federated": "seg-federated", "central": "seg-central"}
     stages.append(Stage("evaluate", mb.evaluate_stage(rows, data / "test", "downstream WT Dice"), 90))
-    rep = Reproduction(out / "stages", stages, env={"FEDMODAL_DATA_ROOT": str(data)})
+    inputs = {"benchmark": "quality", "budget": budget, "data": data_input(None, args.preset)}
+    rep = Reproduction(out / "stages", stages, env={"FEDMODAL_DATA_ROOT": str(data)}, inputs=inputs)
     done = rep.run()
 
     test = build_manifest(data / "test", site="test", need_seg=True)

@@ -41,6 +41,31 @@ def test_a_finished_stage_is_not_redone_and_an_interrupted_one_continues(tmp_pat
     assert (tmp_path / "first" / "log.txt").read_text().strip() == "hello"
 
 
+def test_a_rerun_with_other_inputs_is_refused_and_nothing_is_reused(tmp_path):
+    calls = []
+
+    def stage(folder, rep):
+        calls.append(rep.inputs["budget"]["steps"])
+        return {}
+
+    quick = {"budget": {"steps": 500}, "data": "phantoms:modalitybank-full"}
+    Reproduction(tmp_path, [Stage("gen", stage)], inputs=quick).run()
+    Reproduction(tmp_path, [Stage("gen", stage)], inputs=quick).run()  # the same inputs: resumed
+    longer = {"budget": {"steps": 2000}, "data": "phantoms:modalitybank-full"}
+    with pytest.raises(SystemExit, match=r"budget: \{'steps': 500\} there, \{'steps': 2000\} now.*another --out"):
+        Reproduction(tmp_path, [Stage("gen", stage)], inputs=longer).run()
+    assert calls == [500]
+    Reproduction(tmp_path / "elsewhere", [Stage("gen", stage)], inputs=longer).run()
+    assert calls == [500, 2000]
+
+
+def test_finished_stages_without_a_record_of_their_inputs_are_not_reused(tmp_path):
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / DONE_FILE).write_text("{}")  # made before reproduction.json existed
+    with pytest.raises(SystemExit, match="no reproduction.json"):
+        Reproduction(tmp_path, [Stage("gen", lambda folder, rep: {})], inputs={"budget": {}}).run()
+
+
 def test_a_failing_command_names_its_log(tmp_path):
     def fails(folder, rep):
         rep.command(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmodal.fedmepd.workflow import FedMEPDServerConfig
-from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, write_table
+from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, data_input, write_table
 from fedmodal.reproduce.stages import REGIONS, fedavg_scores_stage, keygroup_stage, local_stage
 
 CLIENTS = [f"site-{k}" for k in range(1, 9)]
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         Stage("local", local_stage(budget, "fedmepd", CLIENTS), 8 * 3 * budget["rounds"]),
         Stage("tables", tables_stage, 1),
     ]
-    rep = Reproduction(args.out, stages, env={"FEDMODAL_DATA_ROOT": str(data)})
+    inputs = {"table": "fedmepd", "budget": budget, "data": data_input(args.data_root, "fedmepd")}
+    rep = Reproduction(args.out, stages, env={"FEDMODAL_DATA_ROOT": str(data)}, inputs=inputs)
     rep.run()
     for table in ("per_client_dice.md", "per_client_hd95.md", "regions.md"):
         print(f"\n{table}\n" + (rep.out / table).read_text())

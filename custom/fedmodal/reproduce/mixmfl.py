@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmodal.mixmfl.workflow import MixMFLServerConfig
-from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, write_table
+from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, data_input, write_table
 from fedmodal.reproduce.stages import REGIONS, fedavg_scores_stage, keygroup_stage, local_stage
 
 CLIENTS = [f"site-{k}" for k in range(1, 7)]
@@ -101,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
         Stage("local", local_stage(budget, "mixmfl", CLIENTS), estimate_s=6 * 3 * budget["rounds"]),
     ]
     rep = Reproduction(
-        args.out, [*stages, Stage("tables", tables_stage, estimate_s=1)], env={"FEDMODAL_DATA_ROOT": str(data)}
+        args.out,
+        [*stages, Stage("tables", tables_stage, estimate_s=1)],
+        env={"FEDMODAL_DATA_ROOT": str(data)},
+        inputs={"table": "mixmfl", "budget": budget, "data": data_input(args.data_root, "mixmfl")},
     )
     rep.run()
     for table in ("table1.md", "regions.md", "ablation.md"):

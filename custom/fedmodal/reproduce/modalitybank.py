@@ -27,7 +27,7 @@ from typing import Any
 
 from fedmodal.modalitybank.config import GeneratorConfig
 from fedmodal.modalitybank.controller import OUTPUT_DIR
-from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, executable
+from fedmodal.reproduce.runner import DONE_FILE, Reproduction, Stage, data_input, executable
 from fedmodal.reproduce.stages import simulate
 
 SITES = ["site-1", "site-2", "site-3"]
@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
     budget = BUDGETS[args.budget]
     data = (args.data_root or ensure_federation(TABLES[table]["preset"])).resolve()
     out = args.out or Path("results") / table
-    rep = Reproduction(out, table_stages(table, budget, data), env={"FEDMODAL_DATA_ROOT": str(data)})
+    inputs = {"table": table, "budget": budget, "data": data_input(args.data_root, TABLES[table]["preset"])}
+    rep = Reproduction(out, table_stages(table, budget, data), env={"FEDMODAL_DATA_ROOT": str(data)}, inputs=inputs)
     rep.run()
     print(f"\n{TABLES[table]['title']}\n\n" + (rep.out / "table.md").read_text())
     return 0

@@ -5,6 +5,8 @@ writes into its own folder and ends by writing `done.json`; a rerun skips every 
 `done.json` exists, so an interrupted reproduction continues where it stopped. Every stage
 prints a progress line with an ETA, and every command a stage runs is appended to
 `commands.txt`, so each number in the table can be traced to the command that made it.
+What a reproduction was asked for (its budget, its data) is kept in `reproduction.json`: a rerun
+that asks for something else is refused rather than mixing its stages with the old ones.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedmodal.atomic import write_json_atomically, write_text_atomically
 
 DONE_FILE = "done.json"
 COMMANDS_FILE = "commands.txt"
+INPUTS_FILE = "reproduction.json"
 
 
 @dataclass
@@ -49,18 +52,46 @@ class Reproduction:
         out: the results folder.
         stages: the stages, in order.
         env: extra environment for the commands (e.g. FEDMODAL_DATA_ROOT).
+        inputs: what the stages' results depend on (the budget, the data); JSON-able.
     """
 
-    def __init__(self, out: str | Path, stages: Sequence[Stage], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        out: str | Path,
+        stages: Sequence[Stage],
+        env: dict[str, str] | None = None,
+        inputs: dict[str, Any] | None = None,
+    ):
         self.out = Path(out).resolve()  # stage commands run in their own folders: relative paths would break
         self.stages = list(stages)
         self.env = dict(env or {})
+        self.inputs = json.loads(json.dumps(inputs or {}))  # as it reads back from reproduction.json
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
 
+    def check_inputs(self) -> None:
+        """Record this reproduction's inputs, or refuse if the folder holds stages made from others."""
+        recorded_file = self.out / INPUTS_FILE
+        if recorded_file.is_file():
+            recorded = json.loads(recorded_file.read_text())
+            if recorded != self.inputs:
+                changed = sorted(k for k in {*recorded, *self.inputs} if recorded.get(k) != self.inputs.get(k))
+                detail = "; ".join(f"{k}: {recorded.get(k)} there, {self.inputs.get(k)} now" for k in changed)
+                raise SystemExit(
+                    f"{self.out} holds a reproduction made with other inputs ({detail}). Its finished stages "
+                    "would be reused as they are: give another --out, or delete the folder to start again."
+                )
+        elif any((self.out / s.name / DONE_FILE).is_file() for s in self.stages):
+            raise SystemExit(
+                f"{self.out} holds finished stages but no {INPUTS_FILE} saying what they were made with: "
+                "give another --out, or delete the folder to start again."
+            )
+        write_json_atomically(recorded_file, self.inputs)
+
     def run(self) -> dict[str, dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_inputs()
         results: dict[str, dict[str, Any]] = {}
         started = time.time()
         for i, stage in enumerate(self.stages):
@@ -105,6 +136,12 @@ class Reproduction:
         if done.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
             raise RuntimeError(f"command failed (exit {done.returncode}), log {log}:\n{tail}")
+
+
+def data_input(data_root: str | Path | None, preset: str) -> str:
+    """How a reproduction's inputs name its data: the folder given, or the phantom preset (whose
+    cache folder differs from machine to machine, while its content does not)."""
+    return str(Path(data_root).resolve()) if data_root else f"phantoms:{preset}"
 
 
 def executable(name: str) -> str:
