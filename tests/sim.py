@@ -45,6 +45,13 @@ def run_job(name: str, values: dict, tmp: Path, data: Path, sites: int, timeout:
     return tmp / "ws", log
 
 
+def write_client_log(ws: Path, folder: str, identity: str) -> None:
+    """A simulator client folder's log.txt whose lines name `identity` (as NVFlare's client runner writes them)."""
+    (ws / folder).mkdir(parents=True, exist_ok=True)
+    line = f"2026-12-03 14:22:29,977 - ClientRunner - INFO - [identity={identity}, run=simulate_job] - synced\n"
+    (ws / folder / "log.txt").write_text(line * 3)
+
+
 def read_audit(ws: Path, site: str) -> list[dict]:
     """A site's payload audit records."""
     path = ws / site / "simulate_job" / "payload_audit.jsonl"

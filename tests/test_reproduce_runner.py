@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fedmodal.reproduce.runner import COMMANDS_FILE, DONE_FILE, Reproduction, Stage, write_table
+from sim import write_client_log
 
 
 def test_a_finished_stage_is_not_redone_and_an_interrupted_one_continues(tmp_path, capsys):
@@ -121,12 +122,6 @@ def test_mixmfl_tables_are_assembled_from_every_stage(tmp_path):
     assert table[5].startswith("| MDM-MixMFL | 50.00 |")
     assert "| w/o memory | 52.50 |" in (tmp_path / "ablation.md").read_text()
     assert "| FedProx | 47.50 | 47.50 | 47.50 | 10.00 | 10.00 | 10.00 |" in (tmp_path / "regions.md").read_text()
-
-
-def write_client_log(ws, folder: str, identity: str) -> None:
-    (ws / folder).mkdir(parents=True, exist_ok=True)
-    line = f"2026-12-03 14:22:29,977 - ClientRunner - INFO - [identity={identity}, run=simulate_job] - synced\n"
-    (ws / folder / "log.txt").write_text(line * 3)
 
 
 def test_a_simulator_run_whose_clients_were_mixed_up_is_refused_by_name(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from fedmodal.fl.simulator import (
     misassigned_clients,
 )
 from fedmodal.jobs import JOBS
+from sim import write_client_log
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("simulator_race_driver.py")
@@ -73,12 +74,6 @@ def test_the_guard_wraps_the_client_runner_once(unguarded_runner):
 def test_every_jobs_server_workflow_puts_the_guard_in_place_when_built(name, unguarded_runner):
     JOBS[name].job()  # builds the server's workflows, as the simulator does before its clients start
     assert getattr(unguarded_runner, "_fedmodal_client_names_guarded", False), name
-
-
-def write_client_log(ws: Path, folder: str, identity: str) -> None:
-    (ws / folder).mkdir(parents=True, exist_ok=True)
-    line = f"2026-12-03 14:22:29,977 - ClientRunner - INFO - [identity={identity}, run=simulate_job] - synced\n"
-    (ws / folder / "log.txt").write_text(line * 3)
 
 
 def test_a_client_that_ran_as_another_is_recognised_and_refused(tmp_path):

@@ -57,13 +57,8 @@ class ThreadOwnClientName(dict):
         """The plain dict this thread sends."""
         return {key: self[key] for key in self}
 
-    def __reduce__(self):
+    def __reduce__(self):  # pickle and deepcopy both: a plain dict of this thread's values
         return dict, (self.own(),)
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        return copy.deepcopy(self.own(), memo)
 
 
 def guard_simulator_client_names() -> bool:
